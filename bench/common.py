@@ -1,0 +1,48 @@
+"""What every benchmark shares: the machine it ran on, and writing its JSON and markdown table."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """CPU model, cores, memory, GPU, torch version: enough to tell whose numbers these are."""
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def write_results(name: str, rows: list[dict], meta: dict | None = None) -> str:
+    """Write bench/results/<name>.json and <name>.md; return the markdown table (also printed)."""
+    RESULTS.mkdir(exist_ok=True)
+    record = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+              **(meta or {}), "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    m = record["machine"]
+    table = "\n".join(lines) + f"\n\n`{record['command']}` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}\n"
+    (RESULTS / f"{name}.md").write_text(table)
+    print(table)
+    return table
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

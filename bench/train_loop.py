@@ -1,0 +1,85 @@
+"""Is the project's training loop as fast as a bare hand-written PyTorch loop? And what does the
+channels_last memory format buy on this CPU? One run, the same model and data, interleaved repeats.
+
+    python bench/train_loop.py [--repeats 3] [--width 32] [--classes 400]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import write_results
+from ensemble.config import NetConfig, TrainConfig
+from ensemble.data.synthetic import synthetic
+from ensemble.nets import build_net
+from ensemble.train import fit
+
+CPU = torch.device("cpu")
+
+
+def bare_loop(net, x, y, epochs, batch_size, channels_last):
+    """The loop anyone would write: shuffle, uint8 -> float, forward, cross-entropy, backward, step."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net.to(memory_format=fmt).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-4)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(len(x) // batch_size):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            xb = x[idx].float().div_(255).contiguous(memory_format=fmt)
+            loss = F.cross_entropy(net(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--classes", type=int, default=400)
+    p.add_argument("--per-class", type=int, default=25)
+    p.add_argument("--epochs", type=int, default=2)
+    args = p.parse_args()
+    src = synthetic(args.classes, args.per_class, 1, image_size=28)
+    x, y = torch.from_numpy(src.x_train)[:, None], torch.from_numpy(src.y_train)
+    net_cfg = NetConfig("cnn", width=args.width, depth=1)
+    fresh = lambda: build_net(net_cfg, (1, 28, 28), args.classes)  # noqa: E731
+    images = args.epochs * (len(x) // 128 * 128)
+
+    def ours(channels_last):
+        cfg = TrainConfig(epochs=args.epochs, batch_size=128, augment="none", channels_last=channels_last)
+        with tempfile.TemporaryDirectory() as d:
+            fit(fresh(), x, y, cfg, d, seed=0, device=CPU)
+
+    runs = {"fit (channels_last)": lambda: ours(True), "bare loop (channels_last)":
+            lambda: bare_loop(fresh(), x, y, args.epochs, 128, True),
+            "fit (contiguous)": lambda: ours(False), "bare loop (contiguous)":
+            lambda: bare_loop(fresh(), x, y, args.epochs, 128, False)}
+    times = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["bare loop (channels_last)"]
+    rows = [{"loop": k, "median_s": round(v, 3), "images_per_s": round(images / v),
+             "time_vs_bare_channels_last": round(v / base, 3)} for k, v in med.items()]
+    write_results("train_loop", rows, {"args": vars(args), "times_s": times,
+                                       "fit_over_bare_channels_last": med["fit (channels_last)"] / base,
+                                       "contiguous_over_channels_last_fit":
+                                       med["fit (contiguous)"] / med["fit (channels_last)"]})
+
+
+if __name__ == "__main__":
+    main()

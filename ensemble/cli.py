@@ -1,0 +1,95 @@
+"""The `ensemble` command: run the pipeline, run one stage, show a run's state."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import Config, ConfigError, from_dict, load_config
+from .pipeline import STAGES, run_pipeline, state, stage_named
+from .rundir import Manifest
+
+EPILOG = """\
+examples:
+  ensemble run                                   # the whole pipeline on the built-in glyphs data
+  ensemble run --config configs/omniglot.yaml    # a real data set (../shared/data/omniglot28.npz)
+  ensemble run generalist.train.epochs=3 name=quick
+  ensemble stage generalist --config configs/emnist.yaml
+  ensemble status runs/default
+
+A run lives in <runs_dir>/<name> (default runs/default). Rerunning the same command skips the stages
+that are done and resumes an interrupted one from its last checkpoint; changing a stage's config reruns
+that stage and every stage after it.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ensemble", description="Specialist ensembles for many-class classification "
+        "(Hinton, Vinyals & Dean 2015, section 5), and distillation of the ensemble back into one network.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_run = sub.add_parser("run", help="run every stage of the pipeline (skipping those done)",
+                           description="Run every stage in order, skipping the ones already done.")
+    _config_args(p_run)
+    p_stage = sub.add_parser("stage", help="run one stage (its input stages must be done)",
+                             description="Run one stage; the stages it reads from must be done.")
+    p_stage.add_argument("name", choices=[s.name for s in STAGES], help="the stage to run")
+    _config_args(p_stage)
+    p_status = sub.add_parser("status", help="show each stage's state and key metric for a run directory",
+                              description="Show each stage's state and key metric for a run directory.")
+    p_status.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/default")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "status":
+            return status(args.run_dir)
+        cfg = load_config(args.config, args.overrides)
+        summaries = run_pipeline(cfg, only=args.name if args.command == "stage" else None)
+        print(f"\nrun directory: {cfg.run_dir}")
+        for name, summary in summaries.items():
+            metric = stage_named(name).metric
+            if metric in summary:
+                print(f"  {name}: {metric} = {summary[metric]:.4f}")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def status(run_dir: Path) -> int:
+    """Print each stage's state, key metric and time for the run in `run_dir`."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.yaml)")
+    cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg.runs_dir, cfg.name = str(run_dir.parent), run_dir.name
+    manifest = Manifest(run_dir)
+    print(f"run {run_dir}")
+    print(f"  {'stage':<14}{'state':<14}{'metric':<24}{'seconds':>9}")
+    for stage in STAGES:
+        entry = manifest.get(stage.name)
+        value = entry.get("summary", {}).get(stage.metric)
+        metric = f"{stage.metric} {value:.4f}" if value is not None else ""
+        seconds = f"{entry['seconds']:.1f}" if "seconds" in entry else ""
+        print(f"  {stage.name:<14}{state(stage, cfg, manifest):<14}{metric:<24}{seconds:>9}")
+    subsets = manifest.get("cluster").get("summary")
+    if subsets:
+        print(f"  subsets: {subsets['num_subsets']} ({subsets['shape']}), sizes {subsets['size_min']} to "
+              f"{subsets['size_max']} (median {subsets['size_median']:g}), {subsets['classes_covered']} classes covered")
+    return 0
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="a YAML config file (see configs/); defaults apply otherwise")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, dotted: generalist.train.epochs=5 data.source=digits")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

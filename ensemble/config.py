@@ -1,0 +1,210 @@
+"""The one config system: dataclass defaults, a YAML file on top, `key=value` overrides on top of that.
+
+Every key is validated against the dataclasses below: an unknown key or a value of the wrong type is
+a `ConfigError` that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how the validation split is carved."""
+
+    source: Literal[
+        "glyphs", "digits", "synthetic", "npz", "emnist", "omniglot", "cifar100", "imagefolder"
+    ] = "glyphs"
+    path: str | None = None  # npz file, or root folder of a torchvision-backed set
+    download: bool = False  # torchvision-backed sets: fetch missing files
+    num_classes: int = 400  # glyphs, synthetic
+    train_per_class: int = 100  # glyphs, synthetic
+    test_per_class: int = 20  # glyphs, synthetic
+    group_size: int = 10  # synthetic: classes per planted confusable group
+    image_size: int = 28  # glyphs, synthetic, omniglot, imagefolder
+    val_fraction: float = 0.1  # share of the training data held out, stratified by class
+    seed: int = 0  # generators and the validation split (the run's seed drives training)
+
+
+@dataclass
+class NetConfig:
+    """A network from `ensemble.nets` by name."""
+
+    name: Literal["mlp", "cnn", "resnet"] = "cnn"
+    width: int = 32  # mlp: hidden units; cnn, resnet: channels of the first stage
+    depth: int = 1  # mlp: hidden layers; cnn: convs per stage; resnet: blocks per stage
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop's settings, shared by every stage that trains a network."""
+
+    epochs: int = 12
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 2e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    augment: Literal["none", "shift", "affine"] = "shift"
+    amp: bool = True  # mixed precision, on CUDA only
+    channels_last: bool = True  # memory format of conv nets
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class GeneralistConfig:
+    """Stage 1: one network over all classes."""
+
+    net: NetConfig = field(default_factory=NetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class ClusterConfig:
+    """Stage 2: K-means on the columns of the covariance of the generalist's held-out predictions.
+
+    Sizes left at null are set from the number of classes C (see `cluster.resolve`)."""
+
+    shape: Literal["partition", "overlapping"] = "partition"  # disjoint subsets, or fixed-size overlapping (paper)
+    num_subsets: int | None = None  # M; null: round(sqrt(C))
+    min_size: int | None = None  # partition: fewest classes in a subset; null: ceil(C / M / 4)
+    max_size: int | None = None  # partition: most classes in a subset; null: ceil(3 C / M)
+    subset_size: int | None = None  # overlapping: classes in every subset; null: ceil(1.5 C / M)
+    inputs: Literal["probs", "logits"] = "probs"  # held-out probabilities, or logits centred per example
+    statistic: Literal["covariance", "correlation"] = "correlation"
+    diagonal: Literal["keep", "zero"] = "keep"
+    normalise: Literal["unit", "none"] = "unit"  # scale each column to unit length before K-means
+    pca_components: int | None = None  # project the columns on this many principal components before K-means
+    kmeans: Literal["full", "minibatch"] = "full"  # scikit-learn KMeans, or the on-line MiniBatchKMeans
+    n_init: int = 10  # K-means restarts (seeded by the run's seed)
+    batch_size: int = 1024  # minibatch only
+    random_draws: int = 10  # random subsets of the same sizes, the baseline of the confusion capture
+
+
+@dataclass
+class Config:
+    """The whole resolved config of a run."""
+
+    name: str = "default"  # the run lives in <runs_dir>/<name>
+    runs_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    data: DataConfig = field(default_factory=DataConfig)
+    generalist: GeneralistConfig = field(default_factory=GeneralistConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then `key=value` overrides (dotted keys)."""
+    raw = to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        _merge(raw, loaded or {}, prefix="")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _merge(raw, _nest(key.strip(), yaml.safe_load(value) if value.strip() else None), prefix="")
+    return from_dict(Config, raw)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (what config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(*parts: Any) -> str:
+    """A stable hash of config sections (dataclasses or plain values)."""
+    plain = json.dumps(parts, sort_keys=True, default=lambda o: to_dict(o) if dataclasses.is_dataclass(o) else str(o))
+    return hashlib.sha256(plain.encode()).hexdigest()[:16]
+
+
+def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `raw`, checking every key and type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown_key(prefix + str(key), sorted(names)))
+    kwargs = {k: _check(hints[k], v, prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    """Validate (and lightly coerce: int to float) one value against its annotated type."""
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _merge(base: dict, update: dict, prefix: str) -> None:
+    """Deep-merge `update` into `base`; keys unknown to `base` are left for `from_dict` to reject."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, prefix + f"{key}.")
+        else:
+            base[key] = value
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    """'a.b.c', v -> {'a': {'b': {'c': v}}}."""
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _unknown_key(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys here: {', '.join(known)})"
+    return f"unknown config key '{key}'{hint}"

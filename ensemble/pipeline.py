@@ -1,0 +1,115 @@
+"""The stages in order, and the logic that skips a done stage and reruns a changed one.
+
+A stage's fingerprint hashes the config sections it reads and the content hashes of its input stages'
+outputs. A stage is done when the manifest records it done under the current fingerprint and every
+output it recorded is still there with the same hash. A stage whose fingerprint changed starts from an
+empty folder; a stage interrupted under the same fingerprint keeps its folder and resumes from its
+checkpoints. Since outputs feed the fingerprints after them, rerunning a stage reruns everything after
+it whose inputs changed.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cluster
+import generalist
+from .config import Config, config_hash, to_dict
+from .data import data_fingerprint
+from .rundir import Manifest, output_hashes, write_run_files
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A function of the run directory, the config sections it reads, and the stages it reads from."""
+
+    name: str
+    run: Callable[[Path, Config], dict]
+    reads: Callable[[Config], Any]
+    after: tuple[str, ...] = ()
+    metric: str = ""  # the summary key `ensemble status` shows
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("generalist", generalist.run, lambda c: (c.seed, c.generalist, data_fingerprint(c.data)),
+          metric="test_top1"),
+    Stage("cluster", cluster.run, lambda c: (c.seed, c.cluster, data_fingerprint(c.data)), after=("generalist",),
+          metric="confusion_capture"),
+)
+
+
+def stage_named(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage {name!r}; stages: {[s.name for s in STAGES]}")
+
+
+def run_pipeline(cfg: Config, only: str | None = None) -> dict[str, dict]:
+    """Run every stage (or only the one named), skipping those already done. Returns their summaries."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_files(run_dir, to_dict(cfg))
+    manifest = Manifest(run_dir)
+    stages = STAGES if only is None else (stage_named(only),)
+    summaries = {}
+    for stage in stages:
+        for up in stage.after:
+            if state(stage_named(up), cfg, manifest) != "done":
+                raise ValueError(f"stage {stage.name} needs stage {up} done first: run `ensemble run` "
+                                 f"or `ensemble stage {up}` with the same config")
+        summaries[stage.name] = run_stage(stage, cfg, manifest)
+    return summaries
+
+
+def run_stage(stage: Stage, cfg: Config, manifest: Manifest) -> dict:
+    """Run one stage unless it is done; record status, fingerprint, inputs, outputs and timing."""
+    run_dir = cfg.run_dir
+    folder = run_dir / stage.name
+    fp, inputs = fingerprint(stage, cfg, manifest)
+    entry = manifest.get(stage.name)
+    if state(stage, cfg, manifest) == "done":
+        print(f"[{stage.name}] done already (fingerprint {fp}): skipped", flush=True)
+        return entry["summary"]
+    if entry.get("fingerprint") != fp and folder.exists():
+        shutil.rmtree(folder)  # outputs and checkpoints of another config or other inputs
+    print(f"[{stage.name}] running", flush=True)
+    started = time.time()
+    manifest.set(stage.name, status="running", fingerprint=fp, seed=cfg.seed, inputs=inputs,
+                 started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
+    try:
+        summary = stage.run(run_dir, cfg)
+    except KeyboardInterrupt:
+        manifest.update(stage.name, status="interrupted")
+        raise
+    except Exception as e:
+        manifest.update(stage.name, status="failed", error="".join(traceback.format_exception_only(e)).strip())
+        raise
+    manifest.update(stage.name, status="done", outputs=output_hashes(folder), summary=summary,
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.time() - started, 2))
+    return summary
+
+
+def fingerprint(stage: Stage, cfg: Config, manifest: Manifest) -> tuple[str, dict[str, str]]:
+    """The stage's fingerprint, and the hashed input files it was computed from."""
+    inputs = {f"{up}/{path}": h for up in stage.after for path, h in manifest.get(up).get("outputs", {}).items()}
+    return config_hash(stage.reads(cfg), inputs), inputs
+
+
+def state(stage: Stage, cfg: Config, manifest: Manifest) -> str:
+    """'done', 'stale' (done under another config or inputs, or outputs changed since), or the recorded
+    status ('running', 'interrupted', 'failed'), or 'not started'."""
+    entry = manifest.get(stage.name)
+    if not entry:
+        return "not started"
+    if entry["status"] != "done":
+        return entry["status"]
+    if entry["fingerprint"] != fingerprint(stage, cfg, manifest)[0]:
+        return "stale"
+    if output_hashes(cfg.run_dir / stage.name) != entry["outputs"]:
+        return "stale"
+    return "done"

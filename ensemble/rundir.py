@@ -1,0 +1,165 @@
+"""The run directory, the only interface between stages: atomic writes, content hashes, the manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT = "checkpoint.pt"  # a stage's resumable state: never an output, never hashed
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to start that part afresh") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save tensors as safetensors, atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file with a clear error for a missing or corrupt one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Save a resumable state (tensors, numbers, strings only) atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint with `weights_only=True`: nothing in it can run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own message suggests weights_only=False, which we never do
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not ours ({type(e).__name__}); "
+            "delete it to restart this stage from scratch"
+        ) from None
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def output_hashes(stage_dir: Path) -> dict[str, str]:
+    """Content hash of every output file below a stage's folder (checkpoints and temp files excluded)."""
+    out = {}
+    for p in sorted(Path(stage_dir).rglob("*")):
+        if p.is_file() and p.name != CHECKPOINT and not p.name.startswith("."):
+            out[p.relative_to(stage_dir).as_posix()] = file_hash(p)
+    return out
+
+
+class Manifest:
+    """manifest.json: per stage its status, fingerprint, outputs with hashes, seed and timings."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "manifest.json"
+        self.stages: dict[str, dict] = read_json(self.path)["stages"] if self.path.exists() else {}
+
+    def get(self, stage: str) -> dict:
+        return self.stages.get(stage, {})
+
+    def set(self, stage: str, **entry: Any) -> None:
+        self.stages[stage] = entry
+        write_json(self.path, {"stages": self.stages})
+
+    def update(self, stage: str, **fields: Any) -> None:
+        self.set(stage, **{**self.get(stage), **fields})
+
+
+def write_run_files(run_dir: Path, config: dict) -> None:
+    """config.yaml (the full resolved config) and env.json (versions, argv, host, git commit)."""
+    run_dir = Path(run_dir)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_json(run_dir / "env.json", environment())
+
+
+def environment() -> dict:
+    """What produced a run: package versions, command line, host, git commit, time."""
+    versions = {}
+    for pkg in ("specialist-ensembles", "torch", "torchvision", "numpy", "scikit-learn", "ray", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "argv": sys.argv,
+        "python": platform.python_version(),
+        "versions": versions,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "git_commit": _git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from, if it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,248 @@
+"""The one training loop, used by every stage that trains a network.
+
+`fit` trains a model on in-memory uint8 images, resuming from `<workdir>/checkpoint.pt` when one is
+there: the checkpoint, written atomically after each epoch, holds the model, optimiser, LR schedule,
+grad scaler, every RNG state, the epoch and the metric history, so a run killed at any moment and
+started again ends with the same weights as one never interrupted. Progress: a tqdm bar with live
+loss and accuracy, one printed line per epoch, and `<workdir>/metrics.jsonl`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, config_hash
+from .nets import is_conv
+from .rundir import CHECKPOINT, load_checkpoint, save_checkpoint, write_text
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Sampler = Callable[[torch.Generator], torch.Tensor]  # one epoch's example indices, in order
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: TrainConfig,
+    workdir: Path,
+    *,
+    seed: int,
+    device: torch.device,
+    loss_fn: LossFn | None = None,
+    sampler: Sampler | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    desc: str = "train",
+) -> list[dict]:
+    """Train `model` on uint8 images `x` (N, C, H, W) against `targets`: class ids (N,) or soft
+    targets (N, K). Returns the per-epoch metrics, also written to `<workdir>/metrics.jsonl`."""
+    if len(x) != len(targets):
+        raise ValueError(f"{len(x)} images but {len(targets)} targets")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    loss_fn = loss_fn or (lambda z, y: F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing))
+    sampler = sampler or (lambda g: torch.randperm(len(x), generator=g))
+    memory_format = _memory_format(model, cfg)
+    model.to(device=device, memory_format=memory_format)
+
+    steps_per_epoch = max(1, len(sampler(torch.Generator().manual_seed(0))) // cfg.batch_size)
+    optimizer = _optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    autocast, scaler = _amp(device, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    key = config_hash(cfg, seed, len(x), tuple(targets.shape))
+    state = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen)
+    start, history = state
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        order = sampler(gen)
+        n_steps = len(order) // cfg.batch_size
+        sums = torch.zeros(3)  # loss * n, correct, n
+        bar = tqdm(total=n_steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None,
+                   file=sys.stderr, dynamic_ncols=True)
+        for step in range(n_steps):
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb = _prepare(x[idx], device, memory_format)
+            xb = augment(xb, cfg.augment, gen)
+            yb = targets[idx].to(device, non_blocking=True)
+            with autocast():
+                logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            sums += torch.stack([loss.detach().float().cpu() * len(idx), _correct(logits, yb), torch.tensor(len(idx))])
+            if step % 10 == 0 or step == n_steps - 1:
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
+            bar.update()
+        bar.close()
+        row = {"epoch": epoch + 1, "train_loss": (sums[0] / sums[2]).item(), "train_acc": (sums[1] / sums[2]).item(),
+               "lr": optimizer.param_groups[0]["lr"]}
+        if val is not None:
+            row.update(evaluate(model, *val, device=device, batch_size=cfg.eval_batch_size,
+                                channels_last=cfg.channels_last, prefix="val_"))
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        history.append(row)
+        save_checkpoint(workdir / CHECKPOINT, {
+            "key": key, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+            "rng": _rng_state(device), "gen": gen.get_state(),
+        })
+        write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 1024,
+                   channels_last: bool = True) -> torch.Tensor:
+    """Logits (N, K) in float32 on the CPU for uint8 images `x`, in eval mode."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last and is_conv(model) else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    autocast, _ = _amp(device, None)
+    out = []
+    for start in range(0, len(x), batch_size):
+        with autocast():
+            out.append(model(_prepare(x[start:start + batch_size], device, memory_format)).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+             batch_size: int = 1024, channels_last: bool = True, prefix: str = "") -> dict[str, float]:
+    """Top-1, top-5 accuracy and NLL of `model` on labelled uint8 images."""
+    logits = predict_logits(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
+    return classification_metrics(logits, y, prefix)
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Top-1, top-5 accuracy and NLL (mean negative log-likelihood) of logits against labels."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return {
+        f"{prefix}top1": (top[:, 0] == y).float().mean().item(),
+        f"{prefix}top5": (top == y[:, None]).any(dim=1).float().mean().item(),
+        f"{prefix}nll": F.cross_entropy(logits, y).item(),
+    }
+
+
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random per-image shifts ('shift': up to 1/14 of the side) or affine maps ('affine': also
+    rotation, scale, shear) applied with one `grid_sample`; 'none' returns `x`."""
+    if kind == "none":
+        return x
+    n = len(x)
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 / 14)  # in [-1, 1] grid units: +-1/14 of the side
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    if kind == "affine":
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
+        scale = 1 + (torch.rand(n, generator=gen) * 2 - 1) * 0.1
+        shear = (torch.rand(n, generator=gen) * 2 - 1) * 0.1
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + shear
+        theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _prepare(x: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] on `device`, in `memory_format`."""
+    return x.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=memory_format)
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    labels = y if y.ndim == 1 else y.argmax(dim=1)
+    return (logits.argmax(dim=1) == labels).sum().float().cpu()
+
+
+def _memory_format(model: nn.Module, cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last and is_conv(model) else torch.contiguous_format
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum or AdamW; no weight decay on biases and norm parameters."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up over `warmup_epochs`, then constant or cosine decay to zero, per step."""
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def _amp(device: torch.device, cfg: TrainConfig | None):
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with a grad scaler); off on CPU."""
+    use = device.type == "cuda" and (cfg is None or cfg.amp)
+    dtype = torch.bfloat16 if use and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use and dtype == torch.float16)
+    if not use:
+        return nullcontext, scaler
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen) -> tuple[int, list[dict]]:
+    """Restore everything from the checkpoint at `path` if it belongs to this training; else start at 0."""
+    if not path.exists():
+        return 0, []
+    ckpt = load_checkpoint(path)
+    if ckpt.get("key") != key:
+        print(f"{path} belongs to another training (config, seed or data differ): starting afresh", flush=True)
+        return 0, []
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    schedule.load_state_dict(ckpt["schedule"])
+    scaler.load_state_dict(ckpt["scaler"])
+    gen.set_state(ckpt["gen"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
+    return ckpt["epoch"], list(ckpt["history"])

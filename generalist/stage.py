@@ -1,0 +1,67 @@
+"""Train the generalist on hard labels; write its weights, test metrics and held-out probabilities."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ensemble.config import Config
+from ensemble.data import Data, load_data
+from ensemble.nets import Net, build_net
+from ensemble.rundir import load_tensors, save_tensors, write_json
+from ensemble.train import classification_metrics, fit, predict_logits, resolve_device
+
+NAME = "generalist"
+
+
+def run(run_dir: Path, cfg: Config) -> dict:
+    """Train on all classes; write `model.safetensors`, `predictions.safetensors` (validation and test
+    logits, probabilities and labels: the input of the cluster stage) and `metrics.json`."""
+    out = Path(run_dir) / NAME
+    data = load_data(cfg.data)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes)
+    net.set_input_stats(data.x_train)
+    print(f"generalist: {cfg.generalist.net.name} with {_n_params(net):,} parameters on {data.num_classes} "
+          f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images, "
+          f"device {device}", flush=True)
+    history = fit(net, data.x_train, data.y_train, cfg.generalist.train, out, seed=cfg.seed, device=device,
+                  val=(data.x_val, data.y_val), desc=NAME)
+    save_tensors(out / "model.safetensors", net.state_dict())
+
+    batch = cfg.generalist.train.eval_batch_size
+    logits = {split: predict_logits(net, x, device=device, batch_size=batch,
+                                    channels_last=cfg.generalist.train.channels_last)
+              for split, x in (("val", data.x_val), ("test", data.x_test))}
+    save_tensors(out / "predictions.safetensors", {
+        "val_logits": logits["val"], "val_probs": logits["val"].softmax(dim=1), "val_labels": data.y_val,
+        "test_logits": logits["test"], "test_probs": logits["test"].softmax(dim=1), "test_labels": data.y_test,
+    })
+    metrics = {
+        **classification_metrics(logits["test"], data.y_test, "test_"),
+        **classification_metrics(logits["val"], data.y_val, "val_"),
+        "epochs": len(history),
+        "train_seconds": round(sum(r["seconds"] for r in history), 2),
+        "parameters": _n_params(net),
+        "num_classes": data.num_classes,
+    }
+    write_json(out / "metrics.json", metrics)
+    print(f"generalist: test top-1 {metrics['test_top1']:.4f}  top-5 {metrics['test_top5']:.4f}  "
+          f"NLL {metrics['test_nll']:.4f}", flush=True)
+    return metrics
+
+
+def load_generalist(run_dir: Path, cfg: Config, data: Data) -> Net:
+    """The trained generalist of a run, rebuilt from its config and safetensors weights."""
+    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes)
+    state = load_tensors(Path(run_dir) / NAME / "model.safetensors")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"generalist weights in {run_dir} do not fit the configured net: {e}") from None
+    return net
+
+
+def _n_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

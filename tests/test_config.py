@@ -1,0 +1,76 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from ensemble.config import Config, ConfigError, config_hash, load_config, to_dict
+
+
+def test_defaults_file_and_overrides_stack(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ngeneralist:\n  train:\n    epochs: 3\n    lr: 1\n")
+    cfg = load_config(path, ["generalist.train.epochs=7", "data.source=digits", "data.path=/a b"])
+    assert cfg.name == "x"
+    assert cfg.generalist.train.epochs == 7  # override beats file
+    assert cfg.generalist.train.lr == 1.0 and isinstance(cfg.generalist.train.lr, float)  # int widened
+    assert cfg.generalist.train.batch_size == Config().generalist.train.batch_size  # default kept
+    assert cfg.data.source == "digits" and cfg.data.path == "/a b"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generalist.trian.epochs=3", "unknown config key 'generalist.trian' (did you mean 'train'?)"),
+    ("generalist.train.epochs=three", "'generalist.train.epochs' must be int, got 'three'"),
+    ("generalist.train.epochs=2.5", "'generalist.train.epochs' must be int"),
+    ("generalist.train.amp=3", "'generalist.train.amp' must be bool"),
+    ("data.source=mnist", "'data.source' must be one of"),
+    ("data=3", "'data' must be a mapping"),
+    ("seed", "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sorce: npz\n")
+    with pytest.raises(ConfigError, match="unknown config key 'data.sorce'"):
+        load_config(path)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_yaml_cannot_construct_objects(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_round_trip_and_hash():
+    cfg = load_config(None, ["seed=3"])
+    again = load_config(None, [f"{k}={v}" for k, v in to_dict(cfg).items() if not isinstance(v, dict)])
+    assert to_dict(again) == to_dict(cfg)
+    assert config_hash(cfg.generalist) == config_hash(load_config().generalist)
+    assert config_hash(cfg.generalist) != config_hash(load_config(None, ["generalist.train.lr=0.5"]).generalist)
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["default", "omniglot", "emnist"])
+def test_shipped_configs_load(name):
+    assert load_config(CONFIGS / f"{name}.yaml").name == name
+
+
+def test_default_yaml_is_the_built_in_default():
+    assert to_dict(load_config(CONFIGS / "default.yaml")) == to_dict(Config())

@@ -1,0 +1,136 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ensemble.cli import main
+from ensemble.config import load_config
+from ensemble.pipeline import STAGES, run_pipeline, state
+from ensemble.rundir import Manifest, load_tensors
+
+TINY = ["data.source=digits", "generalist.net.name=mlp", "generalist.net.width=32", "generalist.train.epochs=2"]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, [*TINY, f"runs_dir={tmp_path}", "name=r", *extra])
+
+
+def _mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_run_writes_the_run_directory(tmp_path):
+    cfg = _cfg(tmp_path)
+    summary = run_pipeline(cfg)["generalist"]
+    run = tmp_path / "r"
+    assert {"manifest.json", "config.yaml", "env.json", "generalist"} <= {p.name for p in run.iterdir()}
+    entry = json.loads((run / "manifest.json").read_text())["stages"]["generalist"]
+    assert entry["status"] == "done" and entry["seed"] == 0 and entry["seconds"] > 0
+    assert set(entry["outputs"]) == {"model.safetensors", "predictions.safetensors", "metrics.json", "metrics.jsonl"}
+    preds = load_tensors(run / "generalist" / "predictions.safetensors")
+    n_val, n_test = len(preds["val_labels"]), len(preds["test_labels"])
+    assert preds["val_probs"].shape == (n_val, 10) and preds["test_probs"].shape == (n_test, 10)
+    assert preds["test_probs"].sum(1).sub(1).abs().max() < 1e-5
+    top1 = (preds["test_probs"].argmax(1) == preds["test_labels"]).float().mean().item()
+    assert summary["test_top1"] == pytest.approx(top1)
+    assert json.loads((run / "env.json").read_text())["versions"]["torch"]
+
+
+def test_done_stage_is_skipped_and_changed_config_reruns(tmp_path, capsys):
+    run_pipeline(_cfg(tmp_path))
+    folder = tmp_path / "r" / "generalist"
+    before = _mtimes(folder)
+    run_pipeline(_cfg(tmp_path))
+    assert "done already" in capsys.readouterr().out and _mtimes(folder) == before
+
+    run_pipeline(_cfg(tmp_path, "device=cpu"))  # the device does not change what a stage computes
+    assert "done already" in capsys.readouterr().out
+
+    run_pipeline(_cfg(tmp_path, "generalist.train.epochs=3"))  # its own config changed
+    assert "done already" not in capsys.readouterr().out
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 3
+
+    run_pipeline(_cfg(tmp_path, "generalist.train.epochs=3", "data.seed=5"))  # its data changed
+    assert "done already" not in capsys.readouterr().out
+
+
+def test_changed_npz_content_reruns(tmp_path, capsys):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = (d.images * 15).astype(np.uint8), d.target
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=x[:1500], y_train=y[:1500], x_test=x[1500:], y_test=y[1500:])
+    cfg = _cfg(tmp_path, "data.source=npz", f"data.path={path}")
+    run_pipeline(cfg)
+    np.savez(path, x_train=x[:1400], y_train=y[:1400], x_test=x[1500:], y_test=y[1500:])
+    assert state(STAGES[0], cfg, Manifest(cfg.run_dir)) == "stale"
+    capsys.readouterr()
+    run_pipeline(cfg)
+    assert "done already" not in capsys.readouterr().out
+
+
+def test_tampered_output_is_stale_and_remade(tmp_path):
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg)
+    weights = tmp_path / "r" / "generalist" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"tampered")
+    assert state(STAGES[0], cfg, Manifest(cfg.run_dir)) == "stale"
+    run_pipeline(cfg)
+    assert weights.read_bytes() == good  # remade from the last checkpoint, same bytes
+    assert state(STAGES[0], cfg, Manifest(cfg.run_dir)) == "done"
+
+
+def test_cli_status_and_errors(tmp_path, capsys):
+    assert main(["run", *TINY, f"runs_dir={tmp_path}", "name=r"]) == 0
+    assert "generalist: test_top1 = " in capsys.readouterr().out
+    assert main(["stage", "generalist", *TINY, f"runs_dir={tmp_path}", "name=r"]) == 0
+    assert "done already" in capsys.readouterr().out
+    assert main(["status", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "generalist" in out and "done" in out and "test_top1 0." in out
+    assert main(["run", "generalist.train.epochz=3"]) == 2
+    assert "unknown config key 'generalist.train.epochz' (did you mean 'epochs'?)" in capsys.readouterr().err
+    assert main(["run", "data.source=npz", f"data.path={tmp_path}/none.npz", f"runs_dir={tmp_path}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["status", str(tmp_path / "nothing")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["stage", "nonsense"])
+
+
+def _ensemble(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "ensemble", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """kill -9 during epoch 2, rerun the same command: it resumes after epoch 1 and ends with the same
+    weights, bit for bit, as a run that was never interrupted."""
+    args = ["run", "data.source=synthetic", "data.num_classes=20", "data.train_per_class=200",
+            "data.test_per_class=5", "generalist.net.width=16", "generalist.train.epochs=5",
+            f"runs_dir={tmp_path}"]
+    proc = _ensemble(*args, "name=cut")
+    checkpoint = tmp_path / "cut" / "generalist" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), proc.stdout.read()
+    assert not (tmp_path / "cut" / "generalist" / "model.safetensors").exists()  # killed mid-training
+    assert Manifest(tmp_path / "cut").get("generalist")["status"] == "running"
+
+    out, _ = _ensemble(*args, "name=cut").communicate(timeout=300)
+    assert "resumed from" in out and "after epoch 1" in out, out
+    assert "generalist epoch 1/5" not in out  # finished work is not redone
+    whole, _ = _ensemble(*args, "name=whole").communicate(timeout=300)
+    for name in ("model.safetensors", "predictions.safetensors"):
+        assert (tmp_path / "cut" / "generalist" / name).read_bytes() == \
+            (tmp_path / "whole" / "generalist" / name).read_bytes()

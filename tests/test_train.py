@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ensemble.config import NetConfig, TrainConfig
+from ensemble.nets import build_net
+from ensemble.rundir import CHECKPOINT
+from ensemble.train import _lr_lambda, augment, fit
+
+CPU = torch.device("cpu")
+
+
+def _problem(n=96, classes=4):
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % classes
+    x = (torch.rand(n, 1, 8, 8, generator=g) * 60 + y[:, None, None, None] * 40).to(torch.uint8)
+    return x, y
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return build_net(NetConfig("cnn", width=4, depth=1, dropout=0.2), (1, 8, 8), 4)
+
+
+CFG = TrainConfig(epochs=3, batch_size=16, augment="shift", warmup_epochs=0.5)
+
+
+def _weights(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_same_seed_same_weights(tmp_path):
+    x, y = _problem()
+    a, b, c = _net(), _net(), _net()
+    fit(a, x, y, CFG, tmp_path / "a", seed=0, device=CPU)
+    fit(b, x, y, CFG, tmp_path / "b", seed=0, device=CPU)
+    fit(c, x, y, CFG, tmp_path / "c", seed=1, device=CPU)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_fit_resumes_to_the_same_weights(tmp_path):
+    x, y = _problem()
+    full = _net()
+    hist_full = fit(full, x, y, CFG, tmp_path / "full", seed=0, device=CPU, val=(x, y))
+
+    calls = {"n": 0}
+
+    def dying_loss(z, t):  # dies in the middle of the second epoch (6 steps per epoch)
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise Interrupt
+        return F.cross_entropy(z, t)
+
+    with pytest.raises(Interrupt):
+        fit(_net(), x, y, CFG, tmp_path / "cut", seed=0, device=CPU, loss_fn=dying_loss, val=(x, y))
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["epoch"] == 1
+
+    resumed = _net(seed=123)  # a fresh process would build a differently initialised net: the checkpoint wins
+    hist = fit(resumed, x, y, CFG, tmp_path / "cut", seed=0, device=CPU, val=(x, y))
+    wf, wr = _weights(full), _weights(resumed)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert [r["train_loss"] for r in hist] == [r["train_loss"] for r in hist_full]
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path, capsys):
+    x, y = _problem()
+    fit(_net(), x, y, CFG, tmp_path, seed=0, device=CPU)
+    net = _net()
+    fit(net, x, y, TrainConfig(epochs=2, batch_size=16), tmp_path, seed=0, device=CPU)
+    assert "belongs to another training" in capsys.readouterr().out
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    x, y = _problem()
+    (tmp_path / CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt or not ours.*delete it"):
+        fit(_net(), x, y, CFG, tmp_path, seed=0, device=CPU)
+
+
+def test_soft_targets_and_custom_loss(tmp_path):
+    x, y = _problem()
+    soft = F.one_hot(y, 4).float() * 0.9 + 0.025
+    loss = lambda z, t: -(t * z.log_softmax(1)).sum(1).mean()  # noqa: E731
+    hist = fit(_net(), x, soft, TrainConfig(epochs=4, batch_size=16, lr=1e-2), tmp_path, seed=0, device=CPU,
+               loss_fn=loss)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+def test_learns_a_separable_problem(tmp_path):
+    x, y = _problem()
+    hist = fit(_net(), x, y, TrainConfig(epochs=8, batch_size=16, lr=1e-2, augment="none"), tmp_path,
+               seed=0, device=CPU, val=(x, y))
+    assert hist[-1]["val_top1"] > 0.9
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = _lr_lambda(TrainConfig(epochs=10, warmup_epochs=1.0, schedule="cosine"), steps_per_epoch=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    g = _lr_lambda(TrainConfig(epochs=10, warmup_epochs=0.0, schedule="constant"), steps_per_epoch=10)
+    assert g(0) == g(99) == 1.0
+
+
+def test_augment_shift_moves_images_and_none_is_identity():
+    x = torch.zeros(4, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1
+    gen = torch.Generator().manual_seed(0)
+    assert augment(x, "none", gen) is x
+    for kind in ("shift", "affine"):
+        out = augment(x, kind, gen)
+        assert out.shape == x.shape
+        assert not torch.allclose(out, x)
+        assert out.sum(dim=(1, 2, 3)).sub(64).abs().max() < 16  # ink is moved (and scaled), not lost
