@@ -43,6 +43,8 @@ def random_capture(confusion: np.ndarray, sizes: list[int], disjoint: bool, draw
     """Mean and standard deviation of `confusion_capture` over `draws` seeded random subsets of the given
     sizes: a random partition (shuffle the classes, cut them into `sizes`) if `disjoint`, else each
     subset drawn uniformly without replacement, independently of the others."""
+    if draws < 1:
+        raise ValueError(f"cluster.random_draws must be at least 1, got {draws}")
     rng = np.random.default_rng(seed)
     num_classes = len(confusion)
     values = []
@@ -87,8 +89,11 @@ def group_agreement(assignment: np.ndarray, groups: np.ndarray, subsets: list[np
 
 def subset_report(subsets: list[np.ndarray], assignment: np.ndarray, probs: np.ndarray, labels: np.ndarray,
                   groups: np.ndarray | None, disjoint: bool, random_draws: int, seed: int) -> dict:
-    """Everything `report.json` holds about a set of subsets of the classes of `probs` (held-out
-    probabilities, with true `labels`); `assignment` as from `single_assignment`."""
+    """What `report.json` holds about subsets of the classes of `probs` (held-out probabilities, with true
+    `labels`): sizes; the coverage histogram (classes held by 0, 1, 2, ... subsets); the confusion capture
+    next to that of random subsets of the same sizes (`random_capture`, disjoint for a partition); and,
+    given ground-truth `groups`, the agreement with them (`group_agreement` of `assignment`, as from
+    `single_assignment`) and the capture of the groups themselves taken as subsets, for reference."""
     num_classes = probs.shape[1]
     sizes = [len(s) for s in subsets]
     counts = coverage(subsets, num_classes)
@@ -110,8 +115,12 @@ def subset_report(subsets: list[np.ndarray], assignment: np.ndarray, probs: np.n
         "random_draws": random_draws,
     }
     if groups is not None:
-        report["groups"] = {"num_groups": int(len(np.unique(groups))),
-                            **group_agreement(assignment, groups, subsets)}
+        group_subsets = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+        report["groups"] = {
+            "num_groups": len(group_subsets),
+            **group_agreement(assignment, groups, subsets),
+            "capture_of_groups": _number(confusion_capture(confusion, group_subsets)),  # the groups as subsets
+        }
     return report
 
 

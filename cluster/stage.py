@@ -6,6 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ensemble.config import ClusterConfig, Config, to_dict
@@ -34,6 +35,19 @@ def resolve(c: ClusterConfig, num_classes: int) -> ClusterConfig:
     )
 
 
+def find_subsets(matrix: np.ndarray, c: ClusterConfig, seed: int
+                 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """K-means on the columns of `matrix` and the subsets config `c` (sizes resolved) asks for; also
+    returns the class vectors K-means ran on and the subsets' centroids."""
+    vectors = class_vectors(matrix, c.normalise, c.pca_components, seed)
+    centroids = fit_kmeans(vectors, c.num_subsets, c.kmeans, c.n_init, c.batch_size, seed)
+    if c.shape == "partition":
+        subsets, centroids = partition(vectors, centroids, c.min_size, c.max_size)
+    else:
+        subsets = overlapping(vectors, centroids, c.subset_size)
+    return subsets, vectors, centroids
+
+
 def run(run_dir: Path, cfg: Config) -> dict:
     """Read the generalist's held-out predictions; write `subsets.json` (each subset's class ids and
     names, the classes in no subset, the settings), `covariance.safetensors` (the C×C matrix K-means
@@ -45,18 +59,14 @@ def run(run_dir: Path, cfg: Config) -> dict:
     preds = load_tensors(Path(run_dir) / "generalist" / "predictions.safetensors")
     probs = check_predictions(preds["val_probs"].numpy(), num_classes, "val_probs")
     labels = preds["val_labels"].numpy()
-    if labels.shape != (len(probs),):
-        raise ValueError(f"val_labels has shape {tuple(labels.shape)} but val_probs holds {len(probs)} examples")
+    if labels.shape != (len(probs),) or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"val_labels must hold {len(probs)} class ids in [0, {num_classes - 1}] (one per row of "
+                         f"val_probs), got shape {tuple(labels.shape)}")
     x = probs if c.inputs == "probs" else centred_logits(
         check_predictions(preds["val_logits"].numpy(), num_classes, "val_logits"))
 
     matrix = covariance_matrix(x, c.statistic, c.diagonal)
-    vectors = class_vectors(matrix, c.normalise, c.pca_components, cfg.seed)
-    centroids = fit_kmeans(vectors, c.num_subsets, c.kmeans, c.n_init, c.batch_size, cfg.seed)
-    if c.shape == "partition":
-        subsets, centroids = partition(vectors, centroids, c.min_size, c.max_size)
-    else:
-        subsets = overlapping(vectors, centroids, c.subset_size)
+    subsets, vectors, centroids = find_subsets(matrix, c, cfg.seed)
     assignment = single_assignment(vectors, centroids, subsets)
     groups = None if data.class_groups is None else data.class_groups.numpy()
     report = subset_report(subsets, assignment, probs, labels, groups, disjoint=c.shape == "partition",

@@ -11,15 +11,11 @@ from ensemble.config import ClusterConfig, load_config
 from ensemble.pipeline import run_pipeline
 
 
-def _subsets(probs, num_subsets, shape="partition", min_size=1, max_size=None, size=None, seed=0, **matrix):
-    """The stage's steps on held-out probabilities: subsets, the class vectors and the centroids."""
-    vectors = cluster.class_vectors(cluster.covariance_matrix(probs, **matrix))
-    centroids = cluster.fit_kmeans(vectors, num_subsets, seed=seed)
-    if shape == "partition":
-        subsets, centroids = cluster.partition(vectors, centroids, min_size, max_size or len(vectors))
-    else:
-        subsets = cluster.overlapping(vectors, centroids, size)
-    return subsets, vectors, centroids
+def _subsets(probs, seed=0, **settings):
+    """The stage's steps on held-out probabilities (default settings otherwise): subsets, class vectors,
+    centroids."""
+    c = cluster.resolve(ClusterConfig(**settings), probs.shape[1])
+    return cluster.find_subsets(cluster.covariance_matrix(probs, c.statistic, c.diagonal), c, seed)
 
 
 # covariance
@@ -33,7 +29,9 @@ def test_covariance_and_correlation_match_numpy(diagonal):
             np.fill_diagonal(expected, 0)
         got = cluster.covariance_matrix(x, statistic, diagonal)
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
-    assert cluster.covariance_matrix(x.astype(np.float32)).dtype == np.float32
+    single = cluster.covariance_matrix(x.astype(np.float32))
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(single, np.cov(x, rowvar=False), rtol=1e-4, atol=1e-4)
 
 
 def test_a_class_that_never_varies_gets_a_zero_row():
@@ -71,7 +69,7 @@ def test_overlapping_subsets_hold_exactly_s_nearest_classes():
 
 def test_overlapping_on_planted_groups():
     probs, labels, groups = planted_predictions(60, 10, 10, seed=0)
-    subsets, vectors, centroids = _subsets(probs, 6, shape="overlapping", size=12)
+    subsets, vectors, centroids = _subsets(probs, num_subsets=6, shape="overlapping", subset_size=12)
     assert [len(s) for s in subsets] == [12] * 6
     counts = cluster.coverage(subsets, 60)
     assert counts.sum() == 72 and counts.max() >= 2  # 12 extra slots: some classes are held twice
@@ -95,11 +93,13 @@ def test_bounded_assignment_spills_over_and_fills_up():
     labels = cluster.bounded_assignment(d, min_size=1, max_size=2)
     assert labels.tolist() == [0, 0, 1, 1, 2]  # the two nearest keep 0; the rest go to their next choice
     assert cluster.bounded_assignment(d, min_size=0, max_size=5).tolist() == [0] * 5
+    # min_size=1: subsets 1 and 2 take the classes cheapest to move, d[c, new] - d[c, 0]
+    assert cluster.bounded_assignment(d, min_size=1, max_size=5).tolist() == [0, 0, 1, 0, 2]
 
 
 def test_partition_keeps_kmeans_clusters_that_fit_and_recovers_planted_groups():
     probs, labels, groups = planted_predictions(60, 10, 10, seed=0)
-    subsets, vectors, centroids = _subsets(probs, 6, min_size=5, max_size=20)
+    subsets, vectors, centroids = _subsets(probs, num_subsets=6, min_size=5, max_size=20)
     assignment = cluster.single_assignment(vectors, centroids, subsets)
     assert adjusted_rand_score(groups, assignment) == pytest.approx(1.0)
     capture = cluster.confusion_capture(cluster.soft_confusion(probs, labels, 60), subsets)
@@ -110,8 +110,8 @@ def test_partition_keeps_kmeans_clusters_that_fit_and_recovers_planted_groups():
 def test_same_seed_same_subsets():
     probs, _, _ = planted_predictions(80, 8, 4, noise=2.0, seed=3)  # noisy: K-means has choices to make
     for shape in ("partition", "overlapping"):
-        a = _subsets(probs, 7, shape=shape, size=15, seed=5)[0]
-        b = _subsets(probs, 7, shape=shape, size=15, seed=5)[0]
+        a = _subsets(probs, seed=5, num_subsets=7, shape=shape, subset_size=15)[0]
+        b = _subsets(probs, seed=5, num_subsets=7, shape=shape, subset_size=15)[0]
         assert [s.tolist() for s in a] == [s.tolist() for s in b]
 
 
