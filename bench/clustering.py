@@ -5,14 +5,19 @@
 Run from the repository root, after bench/generalists.py has made bench/runs/<name>:
 
 1. each run: the cluster stage with the config stored in bench/runs/<name>/config.yaml, as a partition
-   and as overlapping subsets, and where the data has ground-truth groups (fewer than half as many as
-   classes) a partition into as many subsets as groups: how well the subsets recover them. The stage
+   and as overlapping subsets, and where the data has ground-truth groups and the config another number
+   of subsets, a partition into as many subsets as groups (automatic size bounds): how well the subsets
+   recover them. The stage
    runs in a scratch copy (bench/runs/cluster-bench/), leaving the run directories as they are.
 2. 15,000 simulated classes in 60 planted groups of 250 (`cluster.simulate`), one held-out example per
    class: the paper's 61 overlapping subsets of 300 classes and a 61-subset partition, with full
    K-means, MiniBatchKMeans and PCA to 128 dimensions before K-means.
-3. 2,000 simulated classes in 40 groups with weak confusions (group logit 0.7 and 1.0): what PCA before
-   K-means does to the adjusted Rand index, and what the columns' unit normalisation does.
+3. 2,000 simulated classes in 40 groups with weak confusions (group logit 0.7 and 1.0), K-means' own
+   partition (no size bounds): what PCA before K-means does to the adjusted Rand index, and what the
+   columns' unit normalisation does.
+
+For overlapping subsets, ARI and NMI compare only the classes some subset holds (`covered`), each
+assigned to the subset with the nearest centroid among those holding it.
 
 `seconds` is the wall time from the predictions to the subsets (the stage rows: the whole stage, data
 loading and plots included; the simulated rows: covariance, class vectors, K-means, subsets);
@@ -68,9 +73,10 @@ def stage_rows(name: str) -> list[dict]:
         row, report = stage_row(name, shape, [f"cluster.shape={shape}"])
         rows.append(row)
     groups = report.get("groups", {}).get("num_groups")
-    if groups and groups <= report["num_classes"] / 2:
+    if groups and groups != report["num_subsets"] and groups < report["num_classes"]:
         rows.append(stage_row(name, f"partition, M = {groups} groups",
-                              ["cluster.shape=partition", f"cluster.num_subsets={groups}"])[0])
+                              ["cluster.shape=partition", f"cluster.num_subsets={groups}",
+                               "cluster.min_size=null", "cluster.max_size=null"])[0])
     return rows
 
 
@@ -108,9 +114,9 @@ def scale_rows(num_classes: int, group_size: int, num_subsets: int, subset_size:
 
 
 def pca_rows(num_classes: int, group_size: int) -> list[dict]:
-    """Adjusted Rand index of overlapping subsets against planted groups with and without PCA, at two
-    strengths of the within-group confusion; and, without PCA, on the covariance with and without the
-    columns' unit normalisation."""
+    """Adjusted Rand index of K-means' own partition (no size bounds, so every class is compared) against
+    the planted groups, with and without PCA, at two strengths of the within-group confusion; and,
+    without PCA, on the covariance with and without the columns' unit normalisation."""
     rows = []
     for group_logit, variants in [(0.7, [("correlation", "unit", p) for p in (None, 256, 64, 16)]),
                                   (1.0, [("correlation", "unit", p) for p in (None, 256, 64, 16)]
@@ -118,13 +124,13 @@ def pca_rows(num_classes: int, group_size: int) -> list[dict]:
         probs, labels, groups = planted_predictions(num_classes, group_size, 2, true_logit=3.0,
                                                     group_logit=group_logit, seed=1)
         for statistic, normalise, pca in variants:
-            c = cluster.resolve(ClusterConfig(shape="overlapping", num_subsets=num_classes // group_size,
-                                              subset_size=group_size, statistic=statistic, normalise=normalise,
-                                              pca_components=pca, random_draws=3), num_classes)
+            c = ClusterConfig(shape="partition", num_subsets=num_classes // group_size, min_size=1,
+                              max_size=num_classes, statistic=statistic, normalise=normalise, pca_components=pca,
+                              random_draws=3)
             seconds, peak, (subsets, vectors, centroids) = _timed(
                 lambda: cluster.find_subsets(cluster.covariance_matrix(probs, statistic), c, seed=0))
             report = cluster.subset_report(subsets, cluster.single_assignment(vectors, centroids, subsets), probs,
-                                           labels, groups, False, c.random_draws, 0)
+                                           labels, groups, True, c.random_draws, 0)
             rows.append(_row(f"simulated {num_classes}, group logit {group_logit}: {statistic}, columns {normalise}",
                              c, report, seconds, peak))
             print(rows[-1], flush=True)
