@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
                               description="Show each stage's state and key metric for a run directory.")
     p_status.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/default")
 
-    args = parser.parse_args(argv)
+    # argparse gives `overrides` nothing once an option follows the stage name ("stage cluster
+    # --config f a=b"), so key=value words it leaves over are overrides too.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [w for w in rest if "=" not in w or w.startswith("-") or args.command == "status"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command != "status":
+        args.overrides += rest
     try:
         if args.command == "status":
             return status(args.run_dir)

@@ -90,7 +90,9 @@ def test_tampered_output_is_stale_and_remade(tmp_path):
 def test_cli_status_and_errors(tmp_path, capsys):
     assert main(["run", *TINY, f"runs_dir={tmp_path}", "name=r"]) == 0
     assert "generalist: test_top1 = " in capsys.readouterr().out
-    assert main(["stage", "generalist", *TINY, f"runs_dir={tmp_path}", "name=r"]) == 0
+    config = tmp_path / "c.yaml"
+    config.write_text("name: r\n")
+    assert main(["stage", "generalist", "--config", str(config), *TINY, f"runs_dir={tmp_path}"]) == 0
     assert "done already" in capsys.readouterr().out
     assert main(["status", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
@@ -103,6 +105,8 @@ def test_cli_status_and_errors(tmp_path, capsys):
     assert "is not a run directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["stage", "nonsense"])
+    with pytest.raises(SystemExit):
+        main(["run", "--bogus"])
 
 
 def _ensemble(*args, **kw):
