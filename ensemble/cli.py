@@ -89,6 +89,11 @@ def status(run_dir: Path) -> int:
     if subsets:
         print(f"  subsets: {subsets['num_subsets']} ({subsets['shape']}), sizes {subsets['size_min']} to "
               f"{subsets['size_max']} (median {subsets['size_median']:g}), {subsets['classes_covered']} classes covered")
+    spec = manifest.get("specialists").get("summary")
+    if spec:
+        print(f"  specialists: conditional top-1 {spec['conditional_top1']:.4f} vs the generalist's "
+              f"{spec['generalist_conditional_top1']:.4f} on the same subsets; {spec['specialists_at_least_generalist']} "
+              f"of {spec['num_specialists']} at least as good")
     return 0
 
 

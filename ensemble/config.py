@@ -100,6 +100,26 @@ class ClusterConfig:
 
 
 @dataclass
+class SpecialistsConfig:
+    """Stage 3: one network per class subset (its classes plus a dustbin), started from the generalist."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, warmup_epochs=0.2))
+    in_subset_fraction: float = 0.5  # rho: the share of every batch drawn from the subset's own classes
+    subsets: str | None = None  # a YAML file of subsets (lists of class names or ids) to use instead of the cluster's
+
+
+@dataclass
+class LaunchConfig:
+    """Where a stage's parallel tasks run. It never changes what they compute."""
+
+    backend: Literal["inline", "ray"] = "ray"  # inline: one after another in this process
+    address: str | None = None  # an existing Ray cluster; null: $RAY_ADDRESS if set, else start a local one
+    num_cpus: float = 1.0  # per task; torch in the task uses this many threads
+    num_gpus: float = 0.0  # per task; fractions let several tasks share a GPU
+    max_retries: int = 3  # how often a task whose worker died is started again (it resumes from its checkpoint)
+
+
+@dataclass
 class Config:
     """The whole resolved config of a run."""
 
@@ -110,6 +130,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     generalist: GeneralistConfig = field(default_factory=GeneralistConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
     def run_dir(self) -> Path:

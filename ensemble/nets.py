@@ -110,3 +110,20 @@ def _resnet(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int
             c_in = c_out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout)]
     return nn.Sequential(*layers), c_in
+
+
+def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `net`, or raise a ValueError naming `source` and the first tensor that does not
+    fit (a generalist trained with another net config or on another number of classes)."""
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} do not fit the configured net: missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]} (were they trained with another net config?)")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source} do not fit the configured net: {key} has shape "
+                             f"{tuple(state[key].shape)}, the net expects {tuple(tensor.shape)} (were they "
+                             f"trained with another net config or number of classes?)")
+    net.load_state_dict(state)

@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import cluster
 import generalist
+import specialists
 from .config import Config, config_hash, to_dict
 from .data import data_fingerprint
-from .rundir import Manifest, output_hashes, write_run_files
+from .rundir import Manifest, file_hash, output_hashes, write_run_files
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,20 @@ STAGES: tuple[Stage, ...] = (
           metric="test_top1"),
     Stage("cluster", cluster.run, lambda c: (c.seed, c.cluster, data_fingerprint(c.data)), after=("generalist",),
           metric="confusion_capture"),
+    Stage("specialists", specialists.run, lambda c: (c.seed, c.generalist.net, c.specialists, _subsets_file(c),
+                                                     data_fingerprint(c.data)),
+          after=("generalist", "cluster"), metric="conditional_gain"),
 )
+
+
+def _subsets_file(cfg: Config) -> str | None:
+    """The content hash of a user's subsets file (the specialists read it instead of the cluster's)."""
+    path = cfg.specialists.subsets
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"specialists.subsets: {path} does not exist")
+    return file_hash(Path(path))
 
 
 def stage_named(name: str) -> Stage:

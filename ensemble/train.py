@@ -52,9 +52,11 @@ def fit(
     sampler: Sampler | None = None,
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
     desc: str = "train",
+    on_epoch: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Train `model` on uint8 images `x` (N, C, H, W) against `targets`: class ids (N,) or soft
-    targets (N, K). Returns the per-epoch metrics, also written to `<workdir>/metrics.jsonl`."""
+    targets (N, K). Returns the per-epoch metrics, also written to `<workdir>/metrics.jsonl`.
+    `on_epoch(history)` runs after each epoch's checkpoint is written (to copy it elsewhere)."""
     if len(x) != len(targets):
         raise ValueError(f"{len(x)} images but {len(targets)} targets")
     workdir = Path(workdir)
@@ -113,6 +115,8 @@ def fit(
             "rng": _rng_state(device), "gen": gen.get_state(),
         })
         write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        if on_epoch is not None:
+            on_epoch(history)
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(
             f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
     return history

@@ -7,7 +7,7 @@ import torch
 
 from ensemble.config import Config
 from ensemble.data import Data, load_data
-from ensemble.nets import Net, build_net
+from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import load_tensors, save_tensors, write_json
 from ensemble.train import classification_metrics, fit, predict_logits, resolve_device
 
@@ -55,11 +55,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
 def load_generalist(run_dir: Path, cfg: Config, data: Data) -> Net:
     """The trained generalist of a run, rebuilt from its config and safetensors weights."""
     net = build_net(cfg.generalist.net, data.input_shape, data.num_classes)
-    state = load_tensors(Path(run_dir) / NAME / "model.safetensors")
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"generalist weights in {run_dir} do not fit the configured net: {e}") from None
+    path = Path(run_dir) / NAME / "model.safetensors"
+    load_weights(net, load_tensors(path), f"the generalist's weights {path}")
     return net
 
 

@@ -12,7 +12,8 @@ from ensemble.config import load_config
 from ensemble.pipeline import STAGES, run_pipeline, state
 from ensemble.rundir import Manifest, load_tensors
 
-TINY = ["data.source=digits", "generalist.net.name=mlp", "generalist.net.width=32", "generalist.train.epochs=2"]
+TINY = ["data.source=digits", "generalist.net.name=mlp", "generalist.net.width=32", "generalist.train.epochs=2",
+        "specialists.train.epochs=1", "launch.backend=inline"]
 
 
 def _cfg(tmp_path, *extra):
@@ -117,7 +118,7 @@ def _ensemble(*args, **kw):
 def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     """kill -9 during epoch 2, rerun the same command: it resumes after epoch 1 and ends with the same
     weights, bit for bit, as a run that was never interrupted."""
-    args = ["run", "data.source=synthetic", "data.num_classes=20", "data.train_per_class=200",
+    args = ["stage", "generalist", "data.source=synthetic", "data.num_classes=20", "data.train_per_class=200",
             "data.test_per_class=5", "generalist.net.width=16", "generalist.train.epochs=5",
             f"runs_dir={tmp_path}"]
     proc = _ensemble(*args, "name=cut")

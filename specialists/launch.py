@@ -1,0 +1,163 @@
+"""The launcher: runs one task function over many jobs, inline or as Ray tasks. It only decides where a
+task runs; what the task computes does not depend on it.
+
+A task is `fn(job, store, device, *shared)`. `shared` (the generalist's weights, the data, the config)
+goes to the workers once, through Ray's object store; `store` keeps the tasks' checkpoints on the
+driver's machine (see `store.py`); the task returns its result to the driver, which calls
+`on_done(job, result)` to write it into the run directory.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ensemble.config import LaunchConfig
+
+from .store import CheckpointStore
+
+
+class Job(Protocol):
+    name: str
+
+
+TaskFn = Callable[..., Any]
+OnDone = Callable[[Any, Any], None]
+
+
+def run_tasks(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfig, on_done: OnDone, *,
+              checkpoints: Path, device: torch.device, desc: str = "tasks") -> dict:
+    """Run `fn` for every job on the configured backend; `on_done` each result as it arrives. A job that
+    fails does not stop the others: the failures are raised together at the end. Returns the launcher's
+    own costs: seconds to start or join Ray, seconds to put `shared` in the object store, and the time
+    the tasks were submitted."""
+    if launch.backend == "inline":
+        store = CheckpointStore(checkpoints)
+        submitted = time.time()
+        with tqdm(total=len(jobs), desc=desc, unit="task", file=sys.stderr, disable=None) as bar:
+            for job in jobs:
+                on_done(job, fn(job, store, device, *shared))
+                bar.update()
+        return {"backend": "inline", "startup_seconds": 0.0, "transfer_seconds": 0.0, "submitted": submitted}
+    t0 = time.perf_counter()
+    with ray_session(launch):
+        startup = time.perf_counter() - t0
+        costs = _run_ray(fn, jobs, shared, launch, on_done, checkpoints, desc)
+    return {"backend": "ray", "startup_seconds": startup, **costs}
+
+
+@contextmanager
+def ray_session(launch: LaunchConfig) -> Iterator[None]:
+    """Use the Ray session already open in this process, or connect to `launch.address` / $RAY_ADDRESS,
+    or start a local Ray cluster on this machine for the duration (the local multi-process mode)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every task's progress lines (read when ray is imported)
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = launch.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_resources(nodes: list[dict], num_cpus: float, num_gpus: float) -> None:
+    """Raise if no alive node of the cluster (`ray.nodes()`) has the CPUs and GPUs one task asks for:
+    Ray would wait for such a node for ever."""
+    if num_cpus < 0 or num_gpus < 0 or (num_gpus > 1 and num_gpus != int(num_gpus)):
+        raise ValueError(f"launch.num_cpus and launch.num_gpus must be >= 0, and num_gpus a whole number "
+                         f"above 1; got {num_cpus} and {num_gpus}")
+    alive = [n["Resources"] for n in nodes if n.get("Alive")]
+    if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in alive):
+        return
+    have = ", ".join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in alive) or "no alive nodes"
+    raise ValueError(f"no node of the Ray cluster can run a task that asks for {num_cpus:g} CPUs and "
+                     f"{num_gpus:g} GPUs (launch.num_cpus, launch.num_gpus); its nodes have: {have}")
+
+
+def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfig, on_done: OnDone,
+             checkpoints: Path, desc: str) -> dict:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check_resources(ray.nodes(), launch.num_cpus, launch.num_gpus)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    store = ray.remote(CheckpointStore).options(
+        name=store_name(checkpoints), num_cpus=0, scheduling_strategy=here).remote(checkpoints)
+    t0 = time.perf_counter()
+    shared_refs = [ray.put(x) for x in shared]  # once, whatever the number of tasks
+    transfer = time.perf_counter() - t0
+    submitted = time.time()
+    task = ray.remote(_ray_task)
+    pending = {task.options(name=f"{desc} {job.name}", num_cpus=launch.num_cpus, num_gpus=launch.num_gpus,
+                            max_retries=launch.max_retries, retry_exceptions=False
+                            ).remote(fn, job, _ActorStore(store), launch.num_cpus, *shared_refs): job
+               for job in jobs}
+    failures = []
+    try:
+        with tqdm(total=len(jobs), desc=desc, unit="task", file=sys.stderr, disable=None) as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(ready[0])
+                try:
+                    on_done(job, ray.get(ready[0]))
+                except Exception as e:  # the task failed (after its retries), or writing its result did
+                    failures.append(f"{job.name}: {''.join(traceback.format_exception_only(e)).strip()}")
+                bar.update()
+    finally:
+        for ref in pending:  # interrupted: stop the tasks still running; their checkpoints stay
+            ray.cancel(ref, force=True)
+        ray.kill(store)
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(jobs)} tasks failed (the others are saved):\n"
+                           + "\n".join(failures))
+    return {"transfer_seconds": transfer, "submitted": submitted}
+
+
+def store_name(checkpoints: Path) -> str:
+    """The name of the store actor of a run's stage folder; a second driver on the same folder fails."""
+    return f"checkpoints:{Path(checkpoints).resolve()}"
+
+
+class _ActorStore:
+    """The `CheckpointStore` interface over a Ray actor, for the tasks."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def load(self, name: str) -> bytes | None:
+        import ray
+
+        return ray.get(self.actor.load.remote(name))
+
+    def save(self, name: str, checkpoint: bytes, history: list[dict], pid: int) -> None:
+        import ray
+
+        ray.get(self.actor.save.remote(name, checkpoint, history, pid))
+
+
+def _ray_task(fn: TaskFn, job: Job, store: _ActorStore, num_cpus: float, *shared: Any) -> Any:
+    """Inside a Ray worker: as many torch threads as CPUs reserved; the GPU Ray assigned, if any (a
+    logical GPU on a machine without CUDA leaves the task on the CPU, and says so)."""
+    import ray
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    gpus = ray.get_gpu_ids()
+    device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+    if gpus and device.type == "cpu":
+        print(f"{job.name}: Ray assigned GPU {gpus} but CUDA is not available here: training on the CPU", flush=True)
+    return fn(job, store, device, *shared)

@@ -1,0 +1,95 @@
+"""The specialist network: the generalist's trunk with a head over its subset's classes plus a dustbin.
+
+Head rows 0..|S|-1 are the generalist's rows for the classes of S, in the subset's order; the last row
+is the dustbin. The dustbin row is fitted so that, on the generalist's features, the specialist starts
+out predicting the generalist's own distribution collapsed onto S ∪ {dustbin} (see `fit_dustbin_row`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble.nets import Net
+
+
+def specialist_net(generalist: Net, subset: torch.Tensor, features: torch.Tensor) -> Net:
+    """A copy of `generalist` whose head predicts the classes `subset` and then a dustbin; the dustbin
+    row is fitted on `features` (generalist trunk outputs for a sample of inputs with the natural mix)."""
+    net = copy.deepcopy(generalist)
+    w, b = generalist.head.weight.detach(), generalist.head.bias.detach()
+    w_bin, b_bin = fit_dustbin_row(features, w, b, subset)
+    head = nn.Linear(w.shape[1], len(subset) + 1).to(w.device, w.dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.cat([w[subset], w_bin[None]]))
+        head.bias.copy_(torch.cat([b[subset], b_bin[None]]))
+    net.head = head
+    return net
+
+
+def fit_dustbin_row(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, subset: torch.Tensor,
+                    max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dustbin row (w, b) that makes the specialist's initial distribution closest to the generalist's.
+
+    The exact dustbin logit would be logsumexp of the generalist's logits outside S, which no linear row
+    can produce. We take the row that minimises the cross-entropy from the generalist's collapsed
+    distribution [p_S, Σ_{c∉S} p_c] to the specialist's softmax([z_S, w·h + b]) over the features h:
+    a convex problem in (w, b), solved by L-BFGS started from the least-squares fit of that logsumexp.
+    """
+    h = features.detach().double()
+    logits = h @ weight.double().T + bias.double()
+    inside = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    inside[subset] = True
+    z_in = logits[:, subset]
+    if inside.all():  # nothing is left for the dustbin: make it (nearly) impossible
+        return torch.zeros_like(weight[0]), torch.tensor(-30.0, dtype=bias.dtype, device=bias.device)
+    target_logit = logits[:, ~inside].logsumexp(dim=1)
+    target = torch.cat([z_in, target_logit[:, None]], dim=1).softmax(dim=1)
+
+    design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], dim=1)
+    row = torch.linalg.lstsq(design, target_logit[:, None]).solution[:, 0]
+    row = row.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([row], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        z = torch.cat([z_in, (design @ row)[:, None]], dim=1)
+        value = -(target * z.log_softmax(dim=1)).sum(dim=1).mean()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    row = row.detach()
+    return row[:-1].to(weight.dtype), row[-1].to(bias.dtype)
+
+
+def dustbin_correction(pi: float, rho: float) -> float:
+    """The shift of the dustbin logit that undoes training at in-subset share rho when the natural share
+    is pi (a change of class prior): log((1-pi)/pi) - log((1-rho)/rho)."""
+    if not (0 < pi < 1 and 0 < rho < 1):
+        raise ValueError(f"in-subset shares must lie in (0, 1), got natural {pi} and sampled {rho}")
+    return math.log((1 - pi) / pi) - math.log((1 - rho) / rho)
+
+
+def correct_dustbin(net: Net, shift: float) -> None:
+    """Add `shift` to the dustbin logit (the bias of the head's last row), in place."""
+    with torch.no_grad():
+        net.head.bias[-1] += shift
+
+
+@torch.no_grad()
+def collapse(probs: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """Probabilities over all classes (N, C) -> over the subset's classes then the dustbin (N, |S|+1)."""
+    inside = probs[:, subset]
+    return torch.cat([inside, (1 - inside.sum(dim=1, keepdim=True)).clamp_min(0)], dim=1)
+
+
+def dustbin_kl(features: torch.Tensor, generalist: Net, specialist: Net, subset: torch.Tensor) -> float:
+    """Mean KL from the generalist's collapsed distribution to the specialist's, on trunk `features`."""
+    with torch.no_grad():
+        p = collapse(generalist.head(features).softmax(dim=1).double(), subset)
+        log_q = specialist.head(features).double().log_softmax(dim=1)
+        return F.kl_div(log_q, p, reduction="batchmean").item()

@@ -1,0 +1,119 @@
+"""Stage 3: one specialist per class subset, trained in parallel by the launcher (inline or Ray).
+
+Writes `specialists/subsets.json` (the subsets, in head order), per specialist `mNNN/model.safetensors`
+(dustbin corrected), `mNNN/metrics.json`, `mNNN/metrics.jsonl`, its last checkpoint, and for the stage
+`report.json` and `specialists.png`. A specialist whose `metrics.json` exists is done: a rerun of an
+interrupted stage trains only the others, resuming each from its last checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ensemble.config import Config
+from ensemble.data import load_data
+from ensemble.nets import build_net, load_weights
+from ensemble.rundir import load_tensors, read_json, save_tensors, write_json
+from ensemble.train import resolve_device
+
+from .launch import run_tasks
+from .plots import plot_specialists
+from .subsets import load_subsets, subsets_path
+from .task import Job, train_specialist
+
+NAME = "specialists"
+
+
+def run(run_dir: Path, cfg: Config) -> dict:
+    """Train every specialist not yet done; write each one's weights and metrics, then the stage report."""
+    run_dir = Path(run_dir)
+    out = run_dir / NAME
+    data = load_data(cfg.data)
+    subsets = load_subsets(subsets_path(cfg, run_dir), data.class_names)
+    write_json(out / "subsets.json", {"num_classes": data.num_classes, "subsets": [
+        {"id": m, "classes": s, "names": [data.class_names[i] for i in s]} for m, s in enumerate(subsets)]})
+
+    weights = run_dir / "generalist" / "model.safetensors"
+    generalist_state = load_tensors(weights)
+    load_weights(build_net(cfg.generalist.net, data.input_shape, data.num_classes), generalist_state,
+                 f"the generalist's weights {weights}")  # fail here, before any task starts
+
+    jobs = [Job(m, tuple(s)) for m, s in enumerate(subsets)]
+    todo = [job for job in jobs if not (out / job.name / "metrics.json").is_file()]
+    print(f"specialists: {len(jobs)} subsets; {len(jobs) - len(todo)} trained in an earlier run, training "
+          f"{len(todo)} with the {cfg.launch.backend} backend", flush=True)
+    arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_test": data.x_test, "y_test": data.y_test,
+              "num_classes": data.num_classes}
+    started = time.time()
+    launch = run_tasks(train_specialist, todo, (generalist_state, arrays, cfg), cfg.launch,
+                       lambda job, result: _save(out / job.name, result), checkpoints=out,
+                       device=resolve_device(cfg.device), desc=NAME)
+    launch["wall_seconds"] = time.time() - started
+
+    test = load_tensors(run_dir / "generalist" / "predictions.safetensors")
+    rows = [_row(job, read_json(out / job.name / "metrics.json"), test["test_probs"], test["test_labels"])
+            for job in jobs]
+    summary = _summary(rows)
+    trained = [r for r in rows if r["specialist"] in {job.name for job in todo}]
+    if trained:  # from submission to the first task's start: worker start-up and fetching the inputs
+        launch["first_task_latency"] = min(r["started"] for r in trained) - launch["submitted"]
+    write_json(out / "report.json", {**summary, "launch": {**launch, "trained": len(todo)}, "specialists": rows})
+    plot_specialists(out / "specialists.png", rows)
+    print(_table(rows), flush=True)
+    print(f"specialists: conditional top-1 {summary['conditional_top1']:.4f} vs the generalist's "
+          f"{summary['generalist_conditional_top1']:.4f}; {summary['specialists_at_least_generalist']} of "
+          f"{len(rows)} specialists at least as good as the generalist on their subset", flush=True)
+    return summary
+
+
+def _save(folder: Path, result: dict) -> None:
+    """Write a finished specialist: weights first, metrics last (their presence marks it done)."""
+    save_tensors(folder / "model.safetensors", result["state"])
+    write_json(folder / "metrics.json", result["metrics"])
+
+
+def generalist_conditional_top1(probs: torch.Tensor, labels: torch.Tensor, subset: list[int]) -> float:
+    """The generalist's accuracy on examples of `subset` when its prediction is restricted to the subset."""
+    classes = torch.tensor(subset)
+    inside = torch.isin(labels, classes)
+    predicted = classes[probs[inside][:, classes].argmax(dim=1)]
+    return (predicted == labels[inside]).float().mean().item()
+
+
+def _row(job: Job, metrics: dict, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    general = generalist_conditional_top1(probs, labels, list(job.classes))
+    return {"specialist": job.name, **metrics, "generalist_conditional_top1": general,
+            "conditional_gain": metrics["conditional_top1"] - general}
+
+
+def _summary(rows: list[dict]) -> dict:
+    """Means weighted by each subset's test examples, and how many specialists beat the generalist."""
+    n = sum(r["test_in_subset"] for r in rows)
+
+    def weighted(key: str) -> float:
+        return sum(r[key] * r["test_in_subset"] for r in rows) / n
+
+    return {
+        "num_specialists": len(rows),
+        "conditional_top1": weighted("conditional_top1"),
+        "generalist_conditional_top1": weighted("generalist_conditional_top1"),
+        "conditional_gain": weighted("conditional_gain"),
+        "specialists_at_least_generalist": sum(r["conditional_gain"] >= 0 for r in rows),
+        "dustbin_abs_error": sum(abs(r["dustbin_mean_prob"] - r["dustbin_true_share"]) for r in rows) / len(rows),
+        "train_seconds": round(sum(r["train_seconds"] for r in rows), 2),
+    }
+
+
+def _table(rows: list[dict]) -> str:
+    head = (f"{'spec.':<7}{'classes':>8}{'test':>7}{'generalist':>12}{'specialist':>12}{'gain':>8}"
+            f"{'dustbin p':>11}{'true':>7}{'seconds':>9}")
+    lines = ["conditional top-1 on each subset's test examples; mean dustbin probability on the whole test set",
+             head]
+    for r in rows:
+        lines.append(f"{r['specialist']:<7}{r['classes']:>8}{r['test_in_subset']:>7}"
+                     f"{r['generalist_conditional_top1']:>12.4f}{r['conditional_top1']:>12.4f}"
+                     f"{r['conditional_gain']:>+8.4f}{r['dustbin_mean_prob']:>11.4f}{r['dustbin_true_share']:>7.4f}"
+                     f"{r['train_seconds']:>9.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""One specialist's training, the function both launcher backends run: build it from the generalist, fit
+it on batches with a fixed in-subset share, correct its dustbin for the natural class mix, evaluate it."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble.config import Config
+from ensemble.nets import Net, build_net, load_weights
+from ensemble.rundir import CHECKPOINT, load_checkpoint
+from ensemble.train import fit, predict_logits
+
+from .model import correct_dustbin, dustbin_correction, dustbin_kl, specialist_net
+from .sampling import local_labels, subset_sampler
+
+DUSTBIN_SAMPLE = 4096  # training inputs the dustbin row is fitted on
+
+
+@dataclass(frozen=True)
+class Job:
+    """Specialist number `index`, owning the classes `classes` (global ids, in head order)."""
+
+    index: int
+    classes: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"m{self.index:03d}"
+
+
+def train_specialist(job: Job, store, device: torch.device, generalist_state: dict[str, torch.Tensor],
+                     data: dict[str, torch.Tensor], cfg: Config) -> dict:
+    """Train specialist `job` and return {"state": its weights (dustbin corrected), "metrics": ...}.
+
+    `data` holds uint8 images and labels `x_train y_train x_test y_test` and `num_classes`; checkpoints
+    go through `store` after every epoch, and a checkpoint already there is resumed from."""
+    started = time.time()
+    seed = cfg.seed * 100_003 + job.index
+    torch.manual_seed(seed)
+    x, y = data["x_train"], data["y_train"]
+    num_classes = int(data["num_classes"])
+    subset = torch.tensor(job.classes, dtype=torch.int64)
+    generalist = build_net(cfg.generalist.net, tuple(x.shape[1:]), num_classes)
+    load_weights(generalist, generalist_state, "the generalist's weights")
+
+    sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
+    features = trunk_outputs(generalist, x[sample], device, cfg.specialists.train.eval_batch_size)
+    net = specialist_net(generalist, subset, features)
+    init_kl = dustbin_kl(features, generalist, net, subset)
+
+    rho = cfg.specialists.in_subset_fraction
+    y_local = local_labels(y, subset, num_classes)
+    in_subset = y_local < len(subset)
+    sampler = subset_sampler(in_subset, cfg.specialists.train.batch_size, rho)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        resumed = _restore(store.load(job.name), workdir)
+        history = fit(net, x, y_local, cfg.specialists.train, workdir, seed=seed, device=device, sampler=sampler,
+                      desc=f"specialist {job.name}",
+                      on_epoch=lambda h: store.save(job.name, (workdir / CHECKPOINT).read_bytes(), h, os.getpid()))
+
+    pi = in_subset.float().mean().item()
+    shift = dustbin_correction(pi, rho)
+    raw = predict_logits(net, data["x_test"], device=device, batch_size=cfg.specialists.train.eval_batch_size,
+                         channels_last=cfg.specialists.train.channels_last)
+    correct_dustbin(net, shift)
+    metrics = {
+        **specialist_metrics(raw, shift, local_labels(data["y_test"], subset, num_classes), len(subset)),
+        "classes": len(subset), "natural_share": pi, "sampled_share": rho, "dustbin_shift": shift,
+        "init_dustbin_kl": init_kl, "epochs": len(history), "resumed_from_epoch": resumed,
+        "train_seconds": round(sum(r["seconds"] for r in history[resumed:]), 2),
+        "started": started, "finished": time.time(), "device": str(device),
+        "host": socket.gethostname(), "pid": os.getpid(),
+    }
+    return {"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "metrics": metrics}
+
+
+def specialist_metrics(raw_logits: torch.Tensor, shift: float, y_local: torch.Tensor, size: int) -> dict:
+    """On test data with its natural class mix: conditional top-1 (examples of the subset, argmax over
+    the subset's classes), the mean dustbin probability before and after the correction against the
+    true share of examples outside the subset, in/out accuracy and NLL of the corrected specialist."""
+    logits = raw_logits.clone()
+    logits[:, -1] += shift
+    inside = y_local < size
+    bin_prob = logits.softmax(dim=1)[:, -1]
+    return {
+        "test_in_subset": int(inside.sum()),
+        "conditional_top1": (logits[inside, :size].argmax(dim=1) == y_local[inside]).float().mean().item(),
+        "dustbin_mean_prob": bin_prob.mean().item(),
+        "dustbin_mean_prob_uncorrected": raw_logits.softmax(dim=1)[:, -1].mean().item(),
+        "dustbin_true_share": (~inside).float().mean().item(),
+        "in_out_accuracy": ((bin_prob > 0.5) == ~inside).float().mean().item(),
+        "test_nll": F.cross_entropy(logits, y_local).item(),
+    }
+
+
+def trunk_outputs(net: Net, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    """The trunk's features (N, d) of `net` for uint8 images `x`, on the CPU."""
+    trunk = copy.deepcopy(net)
+    trunk.head = nn.Identity()
+    return predict_logits(trunk, x, device=device, batch_size=batch_size)
+
+
+def _restore(checkpoint: bytes | None, workdir: Path) -> int:
+    """Put a checkpoint from the store where `fit` resumes from; return the epoch it was saved after."""
+    if checkpoint is None:
+        return 0
+    path = workdir / CHECKPOINT
+    path.write_bytes(checkpoint)
+    return int(load_checkpoint(path)["epoch"])

@@ -1,0 +1,115 @@
+"""The specialist network, its data, and the dustbin correction (no launcher involved)."""
+import math
+
+import pytest
+import torch
+
+from ensemble.config import Config, NetConfig, TrainConfig
+from ensemble.nets import build_net
+from ensemble.train import fit, predict_logits
+from specialists.model import collapse, dustbin_correction, specialist_net
+from specialists.sampling import local_labels, subset_sampler
+from specialists.store import CheckpointStore
+from specialists.task import Job, train_specialist
+
+CPU = torch.device("cpu")
+
+
+def _trained_generalist(tmp_path, x, y, classes, epochs=4):
+    net = build_net(NetConfig(name="mlp", width=32), tuple(x.shape[1:]), classes)
+    net.set_input_stats(x)
+    fit(net, x, y, TrainConfig(epochs=epochs, batch_size=64, augment="none"), tmp_path / "g", seed=0, device=CPU)
+    return net.eval()
+
+
+def _blobs(n_per_class, classes=10, spread=0.55, seed=0):
+    """uint8 'images' (1×4×4) of overlapping Gaussian classes (the same classes whatever the seed): a
+    problem with real uncertainty."""
+    means = torch.randn(classes, 16, generator=torch.Generator().manual_seed(123))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(n_per_class)
+    x = means[y] * spread + torch.randn(len(y), 16, generator=g)
+    return (x * 40 + 128).clamp(0, 255).to(torch.uint8).view(-1, 1, 4, 4), y
+
+
+def test_specialist_copies_trunk_and_rows_and_fits_the_dustbin(tmp_path):
+    x, y = _blobs(100)
+    gen = _trained_generalist(tmp_path, x, y, 10)
+    subset = torch.tensor([7, 2, 5])
+    with torch.no_grad():
+        feats = gen.features(x.float() / 255)
+    spec = specialist_net(gen, subset, feats)
+    assert spec.head.out_features == 4
+    assert all(torch.equal(a, b) for a, b in zip(spec.trunk.state_dict().values(), gen.trunk.state_dict().values()))
+    assert torch.equal(spec.head.weight[:3], gen.head.weight[subset])  # rows in the subset's order
+    assert torch.equal(spec.head.bias[:3], gen.head.bias[subset])
+
+    # The dustbin row minimises a convex loss: its gradient there is zero, and the initial dustbin
+    # probability matches the generalist's mass outside the subset on fresh inputs.
+    w, b = gen.head.weight.detach(), gen.head.bias.detach()
+    row = torch.cat([spec.head.weight[-1], spec.head.bias[-1:]]).detach().double().requires_grad_(True)
+    z = feats.double() @ w.double().T + b.double()
+    target = collapse(z.softmax(1), subset)
+    logits = torch.cat([z[:, subset], (feats.double() @ row[:-1] + row[-1])[:, None]], dim=1)
+    loss = -(target * logits.log_softmax(1)).sum(1).mean()
+    (grad,) = torch.autograd.grad(loss, row)
+    assert grad.abs().max() < 1e-5
+
+    x_new, _ = _blobs(100, seed=1)
+    with torch.no_grad():
+        p_gen = collapse(gen(x_new.float() / 255).softmax(1), subset)[:, -1]
+        p_spec = spec(x_new.float() / 255).softmax(1)[:, -1]
+    assert abs(p_spec.mean() - p_gen.mean()) < 0.01
+    assert (p_spec - p_gen).abs().mean() < 0.05
+
+
+def test_local_labels_put_other_classes_in_the_dustbin():
+    y = torch.tensor([0, 3, 5, 9, 3])
+    assert local_labels(y, torch.tensor([3, 9]), 10).tolist() == [2, 0, 2, 1, 0]
+
+
+def test_sampler_fills_every_batch_with_the_in_subset_share():
+    in_subset = torch.zeros(1000, dtype=torch.bool)
+    in_subset[:130] = True
+    sample = subset_sampler(in_subset, batch_size=32, rho=0.25)
+    order = sample(torch.Generator().manual_seed(0))
+    batches = order.view(-1, 32)
+    assert len(batches) == math.ceil(130 / 8)
+    assert (in_subset[batches].sum(1) == 8).all()  # every batch: exactly rho of its examples from the subset
+    assert set(order[in_subset[order]].tolist()) == set(range(130))  # an epoch sees every subset example
+    outside = order[~in_subset[order]]
+    assert len(set(outside.tolist())) == len(outside)  # outside examples do not repeat while the pool lasts
+    assert torch.equal(order, sample(torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="leaves no room"):
+        subset_sampler(in_subset, batch_size=32, rho=1.0)
+
+
+def test_dustbin_correction_is_the_prior_ratio():
+    assert dustbin_correction(0.5, 0.5) == 0
+    assert dustbin_correction(0.2, 0.5) == pytest.approx(math.log(4))
+    assert dustbin_correction(0.1, 0.25) == pytest.approx(math.log(9) - math.log(3))
+    with pytest.raises(ValueError, match="in-subset shares"):
+        dustbin_correction(0.0, 0.5)
+
+
+def test_corrected_dustbin_matches_the_natural_share_and_uncorrected_does_not(tmp_path):
+    """Trained at rho = 0.5 on a subset whose natural share is 0.2, the specialist over-predicts the
+    subset; the prior correction makes its mean dustbin probability on natural data the true 0.8."""
+    x, y = _blobs(400)
+    x_test, y_test = _blobs(300, seed=1)
+    gen = _trained_generalist(tmp_path, x, y, 10)
+    cfg = Config()
+    cfg.generalist.net = NetConfig(name="mlp", width=32)
+    cfg.specialists.train = TrainConfig(epochs=6, batch_size=64, lr=2e-3, augment="none")
+    data = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test, "num_classes": 10}
+    result = train_specialist(Job(0, (1, 4)), CheckpointStore(tmp_path / "s"), CPU, gen.state_dict(), data, cfg)
+    m = result["metrics"]
+    assert m["natural_share"] == pytest.approx(0.2) and m["dustbin_true_share"] == pytest.approx(0.8)
+    assert m["dustbin_shift"] == pytest.approx(math.log(4))
+    assert abs(m["dustbin_mean_prob"] - 0.8) < 0.03
+    assert m["dustbin_mean_prob_uncorrected"] < 0.8 - 0.08
+    # the returned weights carry the correction: the model itself predicts the natural share
+    spec = specialist_net(gen, torch.tensor([1, 4]), torch.zeros(1, 32))
+    spec.load_state_dict(result["state"])
+    p_bin = predict_logits(spec, x_test, device=CPU).softmax(1)[:, -1]
+    assert p_bin.mean().item() == pytest.approx(m["dustbin_mean_prob"], abs=1e-5)
