@@ -92,8 +92,8 @@ def status(run_dir: Path) -> int:
     spec = manifest.get("specialists").get("summary")
     if spec:
         print(f"  specialists: conditional top-1 {spec['conditional_top1']:.4f} vs the generalist's "
-              f"{spec['generalist_conditional_top1']:.4f} on the same subsets; {spec['specialists_at_least_generalist']} "
-              f"of {spec['num_specialists']} at least as good")
+              f"{spec['generalist_conditional_top1']:.4f} on the same subsets; "
+              f"{spec['specialists_at_least_generalist']} of {spec['num_specialists']} at least as good")
     return 0
 
 

@@ -109,6 +109,14 @@ class SpecialistsConfig:
 
 
 @dataclass
+class CombineConfig:
+    """Stage 4: how the generalist and the specialists are combined, and evaluated on the test set."""
+
+    top_n: list[int] = field(default_factory=lambda: [1, 2, 5])  # the first is the ensemble's; all are evaluated
+    method: Literal["fixed_point", "gradient"] = "fixed_point"
+
+
+@dataclass
 class LaunchConfig:
     """Where a stage's parallel tasks run. It never changes what they compute."""
 
@@ -131,6 +139,7 @@ class Config:
     generalist: GeneralistConfig = field(default_factory=GeneralistConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
+    combine: CombineConfig = field(default_factory=CombineConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property

@@ -12,13 +12,16 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cluster
 import generalist
 import specialists
+import specialists.evaluate
+
 from .config import Config, config_hash, to_dict
 from .data import data_fingerprint
 from .rundir import Manifest, file_hash, output_hashes, write_run_files
@@ -43,6 +46,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("specialists", specialists.run, lambda c: (c.seed, c.generalist.net, c.specialists, _subsets_file(c),
                                                      data_fingerprint(c.data)),
           after=("generalist", "cluster"), metric="conditional_gain"),
+    Stage("combine", specialists.evaluate.run, lambda c: (c.combine, data_fingerprint(c.data)),
+          after=("generalist", "specialists"), metric="ensemble_top1"),
 )
 
 

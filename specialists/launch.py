@@ -1,10 +1,12 @@
 """The launcher: runs one task function over many jobs, inline or as Ray tasks. It only decides where a
 task runs; what the task computes does not depend on it.
 
-A task is `fn(job, store, device, *shared)`. `shared` (the generalist's weights, the data, the config)
-goes to the workers once, through Ray's object store; `store` keeps the tasks' checkpoints on the
-driver's machine (see `store.py`); the task returns its result to the driver, which calls
-`on_done(job, result)` to write it into the run directory.
+A task is `fn(job, checkpoint, store, device, *shared)`. `shared` (the generalist's weights, the data,
+the config) goes to the workers once, through Ray's object store; `checkpoint` is the job's last
+checkpoint (None at first) and `store` takes its new ones (see `store.py`), on the driver's machine;
+the task returns its result to the driver, which calls `on_done(job, result)` to write it into the run
+directory. The launcher restarts a task whose worker or node died, up to `launch.max_retries` times,
+from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def run_tasks(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConf
         submitted = time.time()
         with tqdm(total=len(jobs), desc=desc, unit="task", file=sys.stderr, disable=None) as bar:
             for job in jobs:
-                on_done(job, fn(job, store, device, *shared))
+                on_done(job, fn(job, store.load(job.name), store, device, *shared))
                 bar.update()
         return {"backend": "inline", "startup_seconds": 0.0, "transfer_seconds": 0.0, "submitted": submitted}
     t0 = time.perf_counter()
@@ -92,21 +94,27 @@ def check_resources(nodes: list[dict], num_cpus: float, num_gpus: float) -> None
 def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfig, on_done: OnDone,
              checkpoints: Path, desc: str) -> dict:
     import ray
+    from ray.exceptions import RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     check_resources(ray.nodes(), launch.num_cpus, launch.num_gpus)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     store = ray.remote(CheckpointStore).options(
         name=store_name(checkpoints), num_cpus=0, scheduling_strategy=here).remote(checkpoints)
+    local = CheckpointStore(checkpoints)  # the same folder, read by the driver
     t0 = time.perf_counter()
     shared_refs = [ray.put(x) for x in shared]  # once, whatever the number of tasks
     transfer = time.perf_counter() - t0
-    submitted = time.time()
     task = ray.remote(_ray_task)
-    pending = {task.options(name=f"{desc} {job.name}", num_cpus=launch.num_cpus, num_gpus=launch.num_gpus,
-                            max_retries=launch.max_retries, retry_exceptions=False
-                            ).remote(fn, job, _ActorStore(store), launch.num_cpus, *shared_refs): job
-               for job in jobs}
+
+    def submit(job: Job):
+        return task.options(name=f"{desc} {job.name}", num_cpus=launch.num_cpus, num_gpus=launch.num_gpus,
+                            max_retries=0).remote(fn, job, local.load(job.name), _ActorStore(store),
+                                                  launch.num_cpus, *shared_refs)
+
+    submitted = time.time()
+    pending = {submit(job): job for job in jobs}
+    restarts: dict[str, int] = {}
     failures = []
     try:
         with tqdm(total=len(jobs), desc=desc, unit="task", file=sys.stderr, disable=None) as bar:
@@ -114,8 +122,24 @@ def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfi
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 job = pending.pop(ready[0])
                 try:
-                    on_done(job, ray.get(ready[0]))
-                except Exception as e:  # the task failed (after its retries), or writing its result did
+                    result = ray.get(ready[0])
+                except RayTaskError as e:  # the task itself raised: running it again would not help
+                    failures.append(f"{job.name}: {e}")
+                    bar.update()
+                    continue
+                except RayError as e:  # its worker or node died: start it again from its last checkpoint
+                    restarts[job.name] = restarts.get(job.name, 0) + 1
+                    if restarts[job.name] <= launch.max_retries:
+                        print(f"{job.name}: {type(e).__name__}; restarting it from its last checkpoint "
+                              f"({restarts[job.name]}/{launch.max_retries})", file=sys.stderr, flush=True)
+                        pending[submit(job)] = job
+                        continue
+                    failures.append(f"{job.name}: {type(e).__name__} {launch.max_retries + 1} times: {e}")
+                    bar.update()
+                    continue
+                try:
+                    on_done(job, result)
+                except Exception as e:  # writing its result failed
                     failures.append(f"{job.name}: {''.join(traceback.format_exception_only(e)).strip()}")
                 bar.update()
     finally:
@@ -125,7 +149,7 @@ def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfi
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(jobs)} tasks failed (the others are saved):\n"
                            + "\n".join(failures))
-    return {"transfer_seconds": transfer, "submitted": submitted}
+    return {"transfer_seconds": transfer, "submitted": submitted, "restarts": restarts}
 
 
 def store_name(checkpoints: Path) -> str:
@@ -134,23 +158,17 @@ def store_name(checkpoints: Path) -> str:
 
 
 class _ActorStore:
-    """The `CheckpointStore` interface over a Ray actor, for the tasks."""
+    """The `CheckpointStore.save` of a Ray actor, for the tasks: sent without waiting for it."""
 
     def __init__(self, actor):
         self.actor = actor
 
-    def load(self, name: str) -> bytes | None:
-        import ray
-
-        return ray.get(self.actor.load.remote(name))
-
-    def save(self, name: str, checkpoint: bytes, history: list[dict], pid: int) -> None:
-        import ray
-
-        ray.get(self.actor.save.remote(name, checkpoint, history, pid))
+    def save(self, name: str, checkpoint: bytes, epoch: int, pid: int) -> None:
+        self.actor.save.remote(name, checkpoint, epoch, pid)
 
 
-def _ray_task(fn: TaskFn, job: Job, store: _ActorStore, num_cpus: float, *shared: Any) -> Any:
+def _ray_task(fn: TaskFn, job: Job, checkpoint: bytes | None, store: _ActorStore, num_cpus: float,
+              *shared: Any) -> Any:
     """Inside a Ray worker: as many torch threads as CPUs reserved; the GPU Ray assigned, if any (a
     logical GPU on a machine without CUDA leaves the task on the CPU, and says so)."""
     import ray
@@ -160,4 +178,4 @@ def _ray_task(fn: TaskFn, job: Job, store: _ActorStore, num_cpus: float, *shared
     device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
     if gpus and device.type == "cpu":
         print(f"{job.name}: Ray assigned GPU {gpus} but CUDA is not available here: training on the CPU", flush=True)
-    return fn(job, store, device, *shared)
+    return fn(job, checkpoint, store, device, *shared)

@@ -7,6 +7,7 @@ interrupted stage trains only the others, resuming each from its last checkpoint
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from ensemble.config import Config
 from ensemble.data import load_data
 from ensemble.nets import build_net, load_weights
-from ensemble.rundir import load_tensors, read_json, save_tensors, write_json
+from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
 from ensemble.train import resolve_device
 
 from .launch import run_tasks
@@ -32,7 +33,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     out = run_dir / NAME
     data = load_data(cfg.data)
     subsets = load_subsets(subsets_path(cfg, run_dir), data.class_names)
-    write_json(out / "subsets.json", {"num_classes": data.num_classes, "subsets": [
+    write_json(out / "subsets.json", {"num_classes": data.num_classes, "input_shape": data.input_shape, "subsets": [
         {"id": m, "classes": s, "names": [data.class_names[i] for i in s]} for m, s in enumerate(subsets)]})
 
     weights = run_dir / "generalist" / "model.safetensors"
@@ -42,6 +43,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
     jobs = [Job(m, tuple(s)) for m, s in enumerate(subsets)]
     todo = [job for job in jobs if not (out / job.name / "metrics.json").is_file()]
+    todo.sort(key=lambda job: -len(job.classes))  # largest first, so the last to finish are short
     print(f"specialists: {len(jobs)} subsets; {len(jobs) - len(todo)} trained in an earlier run, training "
           f"{len(todo)} with the {cfg.launch.backend} backend", flush=True)
     arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_test": data.x_test, "y_test": data.y_test,
@@ -69,8 +71,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 
 def _save(folder: Path, result: dict) -> None:
-    """Write a finished specialist: weights first, metrics last (their presence marks it done)."""
+    """Write a finished specialist: weights and history first, metrics last (their presence marks it done)."""
     save_tensors(folder / "model.safetensors", result["state"])
+    write_text(folder / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in result["history"]))
     write_json(folder / "metrics.json", result["metrics"])
 
 

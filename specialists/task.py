@@ -37,12 +37,13 @@ class Job:
         return f"m{self.index:03d}"
 
 
-def train_specialist(job: Job, store, device: torch.device, generalist_state: dict[str, torch.Tensor],
-                     data: dict[str, torch.Tensor], cfg: Config) -> dict:
-    """Train specialist `job` and return {"state": its weights (dustbin corrected), "metrics": ...}.
+def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.device,
+                     generalist_state: dict[str, torch.Tensor], data: dict[str, torch.Tensor], cfg: Config) -> dict:
+    """Train specialist `job`, resuming from `checkpoint` if given; return its weights (dustbin
+    corrected), metrics and per-epoch history.
 
-    `data` holds uint8 images and labels `x_train y_train x_test y_test` and `num_classes`; checkpoints
-    go through `store` after every epoch, and a checkpoint already there is resumed from."""
+    `data` holds uint8 images and labels `x_train y_train x_test y_test` and `num_classes`; after every
+    epoch the checkpoint goes to `store.save`."""
     started = time.time()
     seed = cfg.seed * 100_003 + job.index
     torch.manual_seed(seed)
@@ -63,10 +64,10 @@ def train_specialist(job: Job, store, device: torch.device, generalist_state: di
     sampler = subset_sampler(in_subset, cfg.specialists.train.batch_size, rho)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        resumed = _restore(store.load(job.name), workdir)
+        resumed = _restore(checkpoint, workdir)
         history = fit(net, x, y_local, cfg.specialists.train, workdir, seed=seed, device=device, sampler=sampler,
-                      desc=f"specialist {job.name}",
-                      on_epoch=lambda h: store.save(job.name, (workdir / CHECKPOINT).read_bytes(), h, os.getpid()))
+                      desc=f"specialist {job.name}", on_epoch=lambda h: store.save(
+                          job.name, (workdir / CHECKPOINT).read_bytes(), len(h), os.getpid()))
 
     pi = in_subset.float().mean().item()
     shift = dustbin_correction(pi, rho)
@@ -81,7 +82,8 @@ def train_specialist(job: Job, store, device: torch.device, generalist_state: di
         "started": started, "finished": time.time(), "device": str(device),
         "host": socket.gethostname(), "pid": os.getpid(),
     }
-    return {"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "metrics": metrics}
+    return {"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "metrics": metrics,
+            "history": history}
 
 
 def specialist_metrics(raw_logits: torch.Tensor, shift: float, y_local: torch.Tensor, size: int) -> dict:

@@ -221,7 +221,7 @@ def test_stage_writes_subsets_skips_when_done_and_reruns_alone_when_its_config_c
     generalist_mtime = (tmp_path / "r" / "generalist" / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     run_pipeline(_cfg(tmp_path))
-    assert capsys.readouterr().out.count("done already") == 3
+    assert capsys.readouterr().out.count("done already") == 4
 
     run_pipeline(_cfg(tmp_path, "cluster.shape=overlapping", "cluster.subset_size=12"))
     out = capsys.readouterr().out

@@ -102,7 +102,7 @@ def test_corrected_dustbin_matches_the_natural_share_and_uncorrected_does_not(tm
     cfg.generalist.net = NetConfig(name="mlp", width=32)
     cfg.specialists.train = TrainConfig(epochs=6, batch_size=64, lr=2e-3, augment="none")
     data = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test, "num_classes": 10}
-    result = train_specialist(Job(0, (1, 4)), CheckpointStore(tmp_path / "s"), CPU, gen.state_dict(), data, cfg)
+    result = train_specialist(Job(0, (1, 4)), None, CheckpointStore(tmp_path / "s"), CPU, gen.state_dict(), data, cfg)
     m = result["metrics"]
     assert m["natural_share"] == pytest.approx(0.2) and m["dustbin_true_share"] == pytest.approx(0.8)
     assert m["dustbin_shift"] == pytest.approx(math.log(4))

@@ -48,7 +48,7 @@ def test_half_gpu_tasks_share_the_one_gpu(cluster, tmp_path):
         def count(self):
             return self.arrived
 
-    def meet(job, store, device, meeting, patience):
+    def meet(job, checkpoint, store, device, meeting, patience):
         ray.get(meeting.arrive.remote())
         deadline = time.monotonic() + patience
         while ray.get(meeting.count.remote()) < 2 and time.monotonic() < deadline:

@@ -25,7 +25,8 @@ def test_stage_writes_every_specialist_and_the_report(upstream, tmp_path):
         folder = out / row["specialist"]
         state = load_tensors(folder / "model.safetensors")
         assert state["head.weight"].shape[0] == len(s["classes"]) + 1
-        assert {"model.safetensors", "metrics.json", "metrics.jsonl", "checkpoint.pt"} <= {p.name for p in folder.iterdir()}
+        files = {p.name for p in folder.iterdir()}
+        assert {"model.safetensors", "metrics.json", "metrics.jsonl", "checkpoint.pt"} <= files
         # the generalist's conditional accuracy, recomputed slowly from its test probabilities
         hits = [s["classes"][int(torch.tensor([p[c] for c in s["classes"]]).argmax())] == y
                 for p, y in zip(probs["test_probs"].tolist(), probs["test_labels"].tolist()) if y in s["classes"]]
@@ -39,8 +40,8 @@ def test_interrupted_stage_reruns_only_the_missing_specialists(upstream, tmp_pat
     cfg = specialists_run(upstream, tmp_path)
     save = CheckpointStore.save
 
-    def interrupted_save(self, name, checkpoint, history, pid):  # Ctrl-C after m001's first epoch
-        save(self, name, checkpoint, history, pid)
+    def interrupted_save(self, name, checkpoint, epoch, pid):  # Ctrl-C after m001's first epoch
+        save(self, name, checkpoint, epoch, pid)
         if name == "m001":
             raise KeyboardInterrupt
 
@@ -55,7 +56,8 @@ def test_interrupted_stage_reruns_only_the_missing_specialists(upstream, tmp_pat
     monkeypatch.setattr(CheckpointStore, "save", save)
     trained = []
     train = specialists.stage.train_specialist
-    monkeypatch.setattr(specialists.stage, "train_specialist", lambda job, *a: trained.append(job.name) or train(job, *a))
+    monkeypatch.setattr(specialists.stage, "train_specialist",
+                        lambda job, *a: trained.append(job.name) or train(job, *a))
     run_pipeline(cfg)
     assert trained == ["m001", "m002"]
     assert (out / "m000" / "model.safetensors").stat().st_mtime_ns == done_before
@@ -93,7 +95,7 @@ def test_bad_subsets_file_is_a_clear_error(upstream, tmp_path, text, message):
 
 
 def test_generalist_of_the_wrong_shape_is_a_clear_error(upstream, tmp_path):
-    cfg = specialists_run(upstream, tmp_path, "generalist.net.width=48")  # not the width the generalist was trained with
+    cfg = specialists_run(upstream, tmp_path, "generalist.net.width=48")  # not the generalist's width
     with pytest.raises(ValueError, match=r"generalist's weights .* trunk.1.weight has shape \(64, 64\), "
                                          r"the net expects \(48, 64\)"):
         specialists.run(tmp_path / "r", cfg)

@@ -1,0 +1,297 @@
+"""The combiner (DESIGN.md, "4. combine"): the distribution q that agrees best with the generalist and
+the active specialists, per example, as in Hinton, Vinyals & Dean (2015), section 5, Eq. 5.
+
+For example b with generalist probabilities p^g over C classes and active specialists A_b, q minimises
+
+    f(q) = KL(p^g ‖ q) + Σ_{m∈A_b} KL(p^m ‖ q^m),
+
+where q^m is q collapsed onto specialist m's classes S_m plus a dustbin holding Q_m = Σ_{c∉S_m} q_c.
+Specialist m is active for b iff S_m holds one of the `top_n` most probable classes of p^g_b.
+
+Up to the constant Σ p log p of the inputs, f(q) = -Σ_c k_c log q_c - Σ_{m∈A} p^m_⊥ log Q_m with
+k_c = p^g_c + Σ_{m∈A, c∈S_m} p^m_c: the log-likelihood of partly aggregated observations, convex in q,
+and strictly so because p^g > 0 wherever it matters. Two solvers:
+
+- `"fixed_point"`: the EM update, monotone and free of step sizes, started at q = p^g:
+
+      q_c ← [ k_c + q_c · Σ_{m∈A, c∉S_m} p^m_⊥ / Q_m ] / (1 + |A|).
+
+  One iteration costs O(B·(C + Σ_m |S_m|)): Σ_{m∌c} = Σ_m - Σ_{m∋c}, a per-example sum minus a
+  scatter over the subsets' concatenated index lists; no B×M×C tensor is ever formed.
+- `"gradient"`: the paper's gradient descent on logits z, q = softmax(z), started at z = log p^g, the
+  gradient from autograd; it equals (1 + |A|)·(q - EM(q)), so both solvers stop at the same point. The
+  optimiser is Adam with a per-example learning rate halved on plateaus: plain descent's step is
+  bounded by the curvature along the large classes, while along a small class's logit the curvature
+  is about q_c, so plain descent crawls on thousands of classes sharing a dustbin's mass.
+
+With one active specialist the minimiser has a closed form, which EM reaches in one iteration:
+q_c = (p^g_c + p^m_c)/2 on S_m and q_c = p^g_c·(P_out + p^m_⊥)/(2·P_out) off S_m, P_out = Σ_{c∉S_m} p^g_c.
+
+Internally every (classes × examples) tensor is class-major, (C, B): gathers and scatters along
+dim 0 of a contiguous tensor are several times faster on a CPU than along dim 1.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Method = Literal["fixed_point", "gradient"]
+METHODS = ("fixed_point", "gradient")
+SUM_TOLERANCE = 1e-3  # rows of probabilities must sum to 1 within this: catches logits and log-probs
+ADAM_RATE, ADAM_BETAS, PATIENCE = 0.1, (0.9, 0.999), 20  # the gradient method's optimiser
+MIN_GAIN = 1e-12  # a relative decrease of the objective smaller than this (or 16 eps) is no progress
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """One batch's objective f(q) = Σ p log p - Σ_c k_c log q_c - Σ_m dustbin_m log Q_m, class-major."""
+
+    general: Tensor  # (C, B) p^g
+    k: Tensor  # (C, B) p^g_c + Σ_{m∈A, c∈S_m} p^m_c: the weight of log q_c
+    inside: Tensor  # (L, B) p^m_c at each subset entry where m is active, else 0
+    dustbin: Tensor  # (M, B) p^m_⊥ where m is active, else 0: the weight of log Q_m
+    num_active: Tensor  # (B,) |A_b|
+    index: Tensor  # (L,) class ids of all subsets, concatenated: L = Σ_m |S_m|
+    owner: Tensor  # (L,) the specialist each entry of `index` belongs to
+
+
+def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
+            top_n: int | None = 1, method: Method = "fixed_point", tol: float | None = None,
+            max_iter: int = 1000) -> Tensor:
+    """The combined distribution q (B, C) minimising KL(p^g ‖ q) + Σ_{m∈A_b} KL(p^m ‖ q^m) per example.
+
+    p_general: (B, C) generalist probabilities; its dtype and device are the computation's.
+    specialist_probs[m]: (B, |S_m| + 1) probabilities of specialist m over S_m, dustbin last.
+    subsets[m]: the class ids S_m (a sequence or 1-D integer tensor); subsets may overlap.
+    top_n: specialist m is active for example b iff S_m holds one of p^g_b's top_n classes; None: all are.
+    method: "fixed_point" (EM) or "gradient" (Adam on logits, the slow reference).
+    tol: fixed_point stops an example when its max |Δq| < tol (default: the dtype's eps, at least
+        1e-10; EM can crawl, so q's error may be many times its last step); gradient
+        when every example's learning rate, halved each time its objective stalls, is below tol
+        (in logit units; default 1e-6).
+    max_iter: at most this many iterations; reaching it with tol > 0 unmet gives a RuntimeWarning
+        (tol=0 runs exactly max_iter iterations).
+    Examples with no active specialist get q = p^g exactly.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    problem = _prepare(p_general, specialist_probs, subsets, top_n)
+    if method == "fixed_point":
+        q = _fixed_point(problem, max(torch.finfo(p_general.dtype).eps, 1e-10) if tol is None else tol, max_iter)
+    else:
+        q = _gradient(problem, 1e-6 if tol is None else tol, max_iter)
+    return q.t().contiguous()
+
+
+def objective(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
+              q: Tensor, top_n: int | None = 1) -> Tensor:
+    """(B,) KL(p^g ‖ q) + Σ_{m∈A_b} KL(p^m ‖ q^m) per example, with 0·log 0 = 0 and log q clamped at
+    the dtype's smallest normal number (so a q of 0 where p > 0 costs a large, finite penalty)."""
+    problem = _prepare(p_general, specialist_probs, subsets, top_n)
+    if not isinstance(q, Tensor) or q.shape != p_general.shape:
+        raise ValueError(f"q must be a tensor of p_general's shape {tuple(p_general.shape)}")
+    q = q.to(p_general).t()
+    return _objective(problem, _safe_log(q), _outside_mass(problem, q))
+
+
+def _fixed_point(problem: _Problem, tol: float, max_iter: int) -> Tensor:
+    """EM from q = p^g, each example until its own max |Δq| < tol.
+
+    Once a quarter of the examples still iterating have converged, the rest move to smaller
+    buffers, so later iterations cost only what still moves: one iteration solves an example with at
+    most one active specialist exactly (with top_n=1, most of them). The buffers are preallocated:
+    a fresh (C, B) tensor costs more than the arithmetic on it."""
+    scale = 1 / (1 + problem.num_active)
+    k, dustbin = problem.k * scale, problem.dustbin * scale
+    q, result = problem.general.clone(), None
+    todo = torch.arange(q.shape[1], device=q.device)  # the examples still iterating, columns of q
+    new, entries = torch.empty_like(q), q.new_empty(len(problem.index), q.shape[1])
+    for _ in range(max_iter):
+        _em_step(problem, q, k, dustbin, new, entries)
+        moving = q.abs_().amax(dim=0) >= tol  # q holds q - new
+        q, new = new, q
+        still = int(moving.sum())
+        if still == 0:
+            break
+        if 4 * still <= 3 * len(todo):
+            result = q.new_empty(problem.general.shape) if result is None else result
+            result.index_copy_(1, todo, q)
+            keep = moving.nonzero().squeeze(1)
+            todo, q, k, dustbin = todo[keep], q[:, keep], k[:, keep], dustbin[:, keep]
+            new, entries = torch.empty_like(q), q.new_empty(len(problem.index), still)
+    else:
+        _warn_unconverged("fixed_point", max_iter, tol)
+    return q if result is None else result.index_copy_(1, todo, q)
+
+
+def _em_step(problem: _Problem, q: Tensor, k: Tensor, dustbin: Tensor, new: Tensor, entries: Tensor) -> None:
+    """One EM update into `new`, leaving q - new in q: with k and p^m_⊥ already divided by 1 + |A|,
+    new_c = k_c + q_c · Σ_{m∌c} r_m, r_m = p^m_⊥ / Q_m, and Σ_{m∌c} r_m = Σ_m r_m - Σ_{m∋c} r_m: a
+    per-example sum minus one scatter over the subsets' concatenated entries (`entries`: (L, B))."""
+    r = dustbin / _outside_mass(problem, q, entries)
+    torch.index_select(-r, 0, problem.owner, out=entries)
+    new.copy_(r.sum(0).expand_as(new)).index_add_(0, problem.index, entries)
+    torch.addcmul(k, q, new, out=new)
+    q.sub_(new)
+
+
+def _gradient(problem: _Problem, tol: float, max_iter: int) -> Tensor:
+    """Adam on z from z = log p^g, with a learning rate per example (in logit units) halved whenever
+    that example's objective has gone PATIENCE steps without a new best (lower by a relative
+    MIN_GAIN or 16 eps: less is rounding, or progress too slow to matter); an example has converged
+    once its rate is below tol. Returns each example's best iterate.
+
+    Plain or accelerated descent crawls here: the curvature along z_c scales with q_c, so the
+    thousands of small classes that share a dustbin's mass move ~q_c per step; Adam's per-coordinate
+    scaling moves them all alike. Its epsilon, √tiny, bounds every step by the rate even when
+    the squared gradient underflows."""
+    beta1, beta2 = ADAM_BETAS
+    finfo = torch.finfo(problem.general.dtype)
+    z = best = _safe_log(problem.general)
+    best_f, grad = _value_and_grad(problem, z)
+    rate = torch.full_like(best_f, ADAM_RATE)
+    stale = torch.zeros_like(rate)  # steps since the example's last new best
+    mean, square = torch.zeros_like(z), torch.zeros_like(z)
+    for t in range(1, max_iter + 1):
+        mean.lerp_(grad, 1 - beta1)
+        square.lerp_(grad * grad, 1 - beta2)
+        z = z - rate * (mean / (1 - beta1**t)) / ((square / (1 - beta2**t)).sqrt() + finfo.tiny**0.5)
+        f, grad = _value_and_grad(problem, z)
+        improved = f < best_f - max(MIN_GAIN, 16 * finfo.eps) * best_f.abs().clamp_min(1)
+        best, best_f = torch.where(improved, z, best), torch.where(improved, f, best_f)
+        stale = torch.where(improved, 0, stale + 1)
+        rate, stale = torch.where(stale >= PATIENCE, rate / 2, rate), torch.where(stale >= PATIENCE, 0, stale)
+        if (rate < tol).all():
+            break
+    else:
+        _warn_unconverged("gradient", max_iter, tol)
+    return torch.softmax(best, dim=0)
+
+
+def _warn_unconverged(method: str, max_iter: int, tol: float) -> None:
+    """A RuntimeWarning that max_iter, not tol, stopped the solver; tol=0 asks for exactly max_iter
+    iterations and gets none."""
+    if tol > 0:
+        warnings.warn(f"combine: {method} stopped at max_iter={max_iter} before reaching tol={tol:g}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _value_and_grad(problem: _Problem, z: Tensor) -> tuple[Tensor, Tensor]:
+    """f at q = softmax(z) per example, and its gradient in z, by autograd."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        log_q = torch.log_softmax(z, dim=0)
+        f = _objective(problem, log_q, _outside_mass(problem, log_q.exp()))
+        (grad,) = torch.autograd.grad(f.sum(), z)
+    return f.detach(), grad
+
+
+def _objective(problem: _Problem, log_q: Tensor, outside: Tensor) -> Tensor:
+    """f = Σ p log p - Σ_c k_c log q_c - Σ_m p^m_⊥ log Q_m per example: the KLs' entropy terms over
+    p^g and the active specialists, minus the cross terms."""
+    entropy = _xlogx(problem.general) + _xlogx(problem.inside) + _xlogx(problem.dustbin)
+    return entropy - (problem.k * log_q).sum(0) - (problem.dustbin * _safe_log(outside)).sum(0)
+
+
+def _outside_mass(problem: _Problem, q: Tensor, entries: Tensor | None = None) -> Tensor:
+    """(M, B) Q_m = Σ_c q_c - Σ_{c∈S_m} q_c, the mass of q outside each subset, at least the dtype's
+    tiny (Σ_c q_c rather than 1 keeps EM's update summing to exactly what it started from).
+    `entries`: an optional (L, B) buffer for q gathered at the subsets' entries."""
+    entries = torch.index_select(q, 0, problem.index, out=entries)
+    inside = q.new_zeros(len(problem.dustbin), q.shape[1]).index_add_(0, problem.owner, entries)
+    return (q.sum(0) - inside).clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _safe_log(x: Tensor) -> Tensor:
+    """log x with x clamped at the dtype's tiny: finite, so 0·log 0 = 0."""
+    return x.clamp_min(torch.finfo(x.dtype).tiny).log()
+
+
+def _xlogx(p: Tensor) -> Tensor:
+    """Σ p log p over dim 0, with 0 log 0 = 0."""
+    return torch.special.xlogy(p, p).sum(0)
+
+
+def _prepare(p_general: Tensor, specialist_probs: Sequence[Tensor],
+             subsets: Sequence[Sequence[int] | Tensor], top_n: int | None) -> _Problem:
+    """Check the inputs and build the class-major tensors both solvers and `objective` use."""
+    _check_probs(p_general, "p_general")
+    num_examples, num_classes = p_general.shape
+    if len(specialist_probs) != len(subsets):
+        raise ValueError(f"len(specialist_probs) = {len(specialist_probs)} but len(subsets) = {len(subsets)}: "
+                         "one probability tensor per subset")
+    ids = [_check_subset(s, m, num_classes, p_general.device) for m, s in enumerate(subsets)]
+    probs = [_check_probs(torch.as_tensor(p).to(p_general), f"specialist_probs[{m}]", (num_examples, len(s) + 1))
+             for m, (p, s) in enumerate(zip(specialist_probs, ids))]
+    active = _active(p_general, ids, top_n)  # (M, B)
+    sizes = torch.tensor([len(s) for s in ids], dtype=torch.long, device=p_general.device)
+    index = torch.cat([sizes.new_zeros(0), *ids])
+    owner = torch.repeat_interleave(torch.arange(len(ids), device=p_general.device), sizes)
+    inside = torch.cat([p_general.new_zeros(0, num_examples), *(p[:, :-1].t() for p in probs)])
+    inside *= active.index_select(0, owner)
+    dustbin = torch.stack([p[:, -1] for p in probs]) * active if probs else p_general.new_zeros(0, num_examples)
+    general = p_general.t().contiguous()
+    return _Problem(general=general, k=general.index_add(0, index, inside), inside=inside, dustbin=dustbin,
+                    num_active=active.sum(0), index=index, owner=owner)
+
+
+def _active(p_general: Tensor, ids: list[Tensor], top_n: int | None) -> Tensor:
+    """(M, B) 1.0 where specialist m is active for example b: S_m meets p^g_b's top_n classes.
+    A (C, M) membership table looked up at the top classes: (B, top_n, M), never B×M×C."""
+    num_examples, num_classes = p_general.shape
+    if top_n is None:
+        return p_general.new_ones(len(ids), num_examples)
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise ValueError(f"top_n must be an integer >= 1 or None, got {top_n!r}")
+    member = torch.zeros(num_classes, len(ids), dtype=torch.bool, device=p_general.device)
+    for m, s in enumerate(ids):
+        member[s, m] = True
+    top = p_general.topk(min(top_n, num_classes), dim=1).indices
+    return member[top].any(dim=1).t().to(p_general.dtype)
+
+
+def _check_probs(p: Tensor, name: str, shape: tuple[int, int] | None = None) -> Tensor:
+    """`p` if it is a 2-D floating tensor of the expected shape whose rows are probability
+    distributions, else a ValueError naming what is wrong. Two passes over p: its minimum (NaN
+    propagates) and its row sums (which catch inf and logits)."""
+    if not isinstance(p, Tensor) or not p.is_floating_point() or p.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D floating-point tensor (examples × classes)")
+    if shape is not None and tuple(p.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(p.shape)}, expected {shape} "
+                         "(the batch size, and the subset's size + 1 for the dustbin)")
+    if p.numel() and not p.min() >= 0:
+        raise ValueError(f"{name} holds negative or NaN values: it must hold probabilities")
+    if p.numel() and not ((p.sum(1) - 1).abs() <= SUM_TOLERANCE).all():
+        raise ValueError(f"{name}'s rows must sum to 1 (within {SUM_TOLERANCE}): pass probabilities, not logits")
+    return p
+
+
+def _check_subset(subset: Sequence[int] | Tensor, m: int, num_classes: int, device: torch.device) -> Tensor:
+    """Subset m as a 1-D long tensor of distinct class ids in [0, num_classes), or a ValueError."""
+    ids = torch.as_tensor(subset, device=device)
+    if ids.numel() == 0:
+        return ids.long().reshape(0)
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"subsets[{m}] must be a 1-D sequence of integer class ids")
+    ids = ids.long()
+    if ids.min() < 0 or ids.max() >= num_classes:
+        raise ValueError(f"subsets[{m}] holds class ids outside [0, {num_classes}): "
+                         f"{ids[(ids < 0) | (ids >= num_classes)].tolist()[:5]}")
+    if len(ids.unique()) != len(ids):
+        raise ValueError(f"subsets[{m}] repeats a class id")
+    return ids
+
+
+def active_specialists(p_general: Tensor, subsets: Sequence[Sequence[int] | Tensor], top_n: int | None = 1) -> Tensor:
+    """(M, B) bool: specialist m is active for example b, its subset holding one of p^g_b's top_n classes
+    (all are for top_n=None). The rule `combine` applies; `Combiner` uses it to run only those."""
+    _check_probs(p_general, "p_general")
+    ids = [_check_subset(s, m, p_general.shape[1], p_general.device) for m, s in enumerate(subsets)]
+    return _active(p_general, ids, top_n).bool()

@@ -1,0 +1,91 @@
+"""`Combiner`: a generalist and its specialists used as one classifier, from Python.
+
+    from specialists import Combiner
+    ensemble = Combiner.from_run("runs/default")
+    probs = ensemble.predict_proba(images)   # uint8 (N, C, H, W), or floats in [0, 1]
+    labels = ensemble.predict(images)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from ensemble.config import Config, from_dict
+from ensemble.nets import build_net, load_weights
+from ensemble.rundir import load_tensors, read_json
+from ensemble.train import resolve_device
+
+from .combine import Method, active_specialists, combine
+from .model import collapse
+
+
+class Combiner:
+    """Runs the generalist on a batch, picks each example's active specialists (those whose subset
+    holds one of its `top_n` most probable classes), runs each specialist only on the examples that
+    need it, and returns the combiner's q (see `combine`)."""
+
+    def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], subsets: Sequence[Sequence[int]],
+                 *, top_n: int | None = 1, method: Method = "fixed_point", device: str | torch.device = "cpu"):
+        if len(specialists) != len(subsets):
+            raise ValueError(f"{len(specialists)} specialists but {len(subsets)} subsets")
+        self.device = resolve_device(str(device))
+        self.generalist = generalist.to(self.device).eval()
+        self.specialists = [net.to(self.device).eval() for net in specialists]
+        self.subsets = [torch.as_tensor(list(s), dtype=torch.int64, device=self.device) for s in subsets]
+        self.top_n, self.method = top_n, method
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, **kwargs) -> Combiner:
+        """The generalist and specialists a run directory holds (its specialists stage must be done)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.yaml)")
+        cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
+        return cls(*load_ensemble(run_dir, cfg), **kwargs)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """q (N, C) for images `x`: uint8 (N, C, H, W), or floats in [0, 1]."""
+        x = x.to(self.device)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        p_general = self.generalist(x).softmax(dim=1)
+        active = active_specialists(p_general, self.subsets, self.top_n)  # (M, N) bool
+        probs = []
+        for net, subset, needed in zip(self.specialists, self.subsets, active):
+            p = collapse(p_general, subset)  # stands in where the specialist is not active: ignored
+            rows = needed.nonzero()[:, 0]
+            if len(rows):
+                p[rows] = net(x[rows]).softmax(dim=1)
+            probs.append(p)
+        return combine(p_general, probs, self.subsets, top_n=self.top_n, method=self.method)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The most probable class of each image under q."""
+        return self.predict_proba(x).argmax(dim=1)
+
+
+def load_ensemble(run_dir: Path, cfg: Config) -> tuple[nn.Module, list[nn.Module], list[list[int]]]:
+    """The generalist, the specialists and their subsets, as a run's specialists stage left them."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "specialists" / "subsets.json").is_file():
+        raise FileNotFoundError(f"{run_dir} holds no trained specialists (no specialists/subsets.json): "
+                                f"run `ensemble run` for it first")
+    info = read_json(run_dir / "specialists" / "subsets.json")
+    subsets = [s["classes"] for s in info["subsets"]]
+    shape = tuple(info["input_shape"])
+    generalist = build_net(cfg.generalist.net, shape, info["num_classes"])
+    load_weights(generalist, load_tensors(run_dir / "generalist" / "model.safetensors"),
+                 f"the generalist's weights in {run_dir}")
+    specialists = []
+    for m, subset in enumerate(subsets):
+        path = run_dir / "specialists" / f"m{m:03d}" / "model.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"specialist {m} of {run_dir} is missing ({path}): rerun `ensemble run`")
+        net = build_net(cfg.generalist.net, shape, len(subset) + 1)
+        load_weights(net, load_tensors(path), f"the specialist's weights {path}")
+        specialists.append(net)
+    return generalist, specialists, subsets

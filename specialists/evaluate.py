@@ -1,0 +1,159 @@
+"""Stage 4, `combine`: the ensemble on the test set, in the form of the paper's Tables 3 and 4.
+
+Table 3: test top-1 and conditional top-1 of the generalist and of generalist + specialists, for each
+`combine.top_n` and for two simpler combiners of the same models. Conditional top-1 counts, for every
+test example and every subset holding its true class, whether the prediction restricted to that subset
+is right. Table 4: for each number k of active specialists whose subset holds the true class, the test
+examples, the change in correct top-1 against the generalist, and that change relative to the
+generalist's correct count.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ensemble.config import Config
+from ensemble.data import load_data
+from ensemble.rundir import load_tensors, write_json, write_text
+from ensemble.train import predict_logits, resolve_device
+
+from .combine import active_specialists, combine
+from .combiner import load_ensemble
+from .plots import plot_table4
+
+NAME = "combine"
+
+
+def run(run_dir: Path, cfg: Config) -> dict:
+    """Run every specialist on the test set once, combine for each setting, write `eval.json`,
+    `tables.md` and `table4.png`."""
+    run_dir = Path(run_dir)
+    out = run_dir / NAME
+    data = load_data(cfg.data)
+    _, specialists, subsets = load_ensemble(run_dir, cfg)
+    preds = load_tensors(run_dir / "generalist" / "predictions.safetensors")
+    p_general, labels = preds["test_probs"].double(), preds["test_labels"]
+    device = resolve_device(cfg.device)
+    batch = cfg.specialists.train.eval_batch_size
+    probs = [predict_logits(net, data.x_test, device=device, batch_size=batch).double().softmax(dim=1)
+             for net in specialists]
+    classes = [torch.tensor(s) for s in subsets]
+
+    systems = {"generalist": (p_general, None)}
+    for n in cfg.combine.top_n:
+        systems[f"KL combiner, top_n={n}"] = (combine(p_general, probs, classes, top_n=n, method=cfg.combine.method), n)
+    first = cfg.combine.top_n[0]
+    systems[f"average, top_n={first}"] = (average_combine(p_general, probs, classes, first), first)
+    systems[f"lowest dustbin, top_n={first}"] = (lowest_dustbin_combine(p_general, probs, classes, first), first)
+
+    table3 = [{"system": name, "active_specialists": _mean_active(p_general, classes, n),
+               "test_top1": _top1(q, labels), "conditional_top1": conditional_top1(q, labels, classes)}
+              for name, (q, n) in systems.items()]
+    table4 = {name: table4_rows(p_general, q, labels, classes, n)
+              for name, (q, n) in systems.items() if name.startswith("KL combiner")}
+    headline = table3[1]
+    summary = {
+        "generalist_top1": table3[0]["test_top1"], "ensemble_top1": headline["test_top1"],
+        "relative_gain": headline["test_top1"] / table3[0]["test_top1"] - 1,
+        "generalist_conditional_top1": table3[0]["conditional_top1"],
+        "ensemble_conditional_top1": headline["conditional_top1"], "top_n": first,
+        "num_specialists": len(subsets),
+    }
+    write_json(out / "eval.json", {**summary, "table3": table3, "table4": table4})
+    text = tables_markdown(table3, table4, len(subsets))
+    write_text(out / "tables.md", text)
+    plot_table4(out / "table4.png", table4)
+    print(text, flush=True)
+    return summary
+
+
+def conditional_top1(q: torch.Tensor, labels: torch.Tensor, subsets: list[torch.Tensor]) -> float:
+    """Over (example, subset holding its true class) pairs: is the argmax of q over the subset right?"""
+    hits, pairs = 0, 0
+    for s in subsets:
+        inside = torch.isin(labels, s)
+        hits += int((s[q[inside][:, s].argmax(dim=1)] == labels[inside]).sum())
+        pairs += int(inside.sum())
+    return hits / pairs if pairs else float("nan")
+
+
+def table4_rows(p_general: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, subsets: list[torch.Tensor],
+                top_n: int) -> list[dict]:
+    """By the number of active specialists covering the true class: examples, Δ correct, relative Δ."""
+    active = active_specialists(p_general, subsets, top_n)  # (M, B)
+    covers = torch.stack([torch.isin(labels, s) for s in subsets])  # (M, B)
+    k = (active & covers).sum(dim=0)
+    before = p_general.argmax(dim=1) == labels
+    after = q.argmax(dim=1) == labels
+    rows = []
+    for value in range(int(k.max()) + 1 if len(k) else 0):
+        rows_k = k == value
+        if rows_k.any():
+            delta = int(after[rows_k].sum()) - int(before[rows_k].sum())
+            base = int(before[rows_k].sum())
+            rows.append({"covering_specialists": value, "test_examples": int(rows_k.sum()), "delta_correct": delta,
+                         "relative_change": delta / base if base else None})
+    return rows
+
+
+def expand(p_general: torch.Tensor, p_specialist: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """A specialist's distribution over all classes: its own on the subset, its dustbin mass spread over
+    the other classes in the generalist's proportions."""
+    outside = p_general.clone()
+    outside[:, subset] = 0
+    outside /= outside.sum(dim=1, keepdim=True).clamp_min(torch.finfo(outside.dtype).tiny)
+    full = outside * p_specialist[:, -1:]
+    full[:, subset] = p_specialist[:, :-1]
+    return full
+
+
+def average_combine(p_general: torch.Tensor, probs: list[torch.Tensor], subsets: list[torch.Tensor],
+                    top_n: int) -> torch.Tensor:
+    """The mean of the generalist's distribution and the active specialists' expanded ones."""
+    active = active_specialists(p_general, subsets, top_n).to(p_general.dtype)
+    total = p_general.clone()
+    for p, s, a in zip(probs, subsets, active):
+        total += a[:, None] * expand(p_general, p, s)
+    return total / (1 + active.sum(dim=0))[:, None]
+
+
+def lowest_dustbin_combine(p_general: torch.Tensor, probs: list[torch.Tensor], subsets: list[torch.Tensor],
+                           top_n: int) -> torch.Tensor:
+    """The expanded distribution of the active specialist most sure the input is one of its classes
+    (lowest dustbin probability); the generalist's where no specialist is active."""
+    active = active_specialists(p_general, subsets, top_n)
+    dustbin = torch.stack([p[:, -1] for p in probs]).masked_fill(~active, float("inf"))  # (M, B)
+    best = dustbin.argmin(dim=0)
+    q = p_general.clone()
+    for m, (p, s) in enumerate(zip(probs, subsets)):
+        rows = (best == m) & active[m]
+        q[rows] = expand(p_general[rows], p[rows], s)
+    return q
+
+
+def tables_markdown(table3: list[dict], table4: dict[str, list[dict]], num_specialists: int) -> str:
+    lines = [f"Table 3: test top-1 and conditional top-1 ({num_specialists} specialists)", "",
+             "| system | active specialists per example | conditional top-1 | test top-1 |", "|---|---|---|---|"]
+    lines += [f"| {r['system']} | {r['active_specialists']:.2f} | {r['conditional_top1']:.2%} | {r['test_top1']:.2%} |"
+              for r in table3]
+    for name, rows in table4.items():
+        lines += ["", f"Table 4 ({name}): by the number of active specialists covering the true class", "",
+                  "| covering specialists | test examples | Δ correct top-1 | relative change |", "|---|---|---|---|"]
+        lines += [f"| {r['covering_specialists']} | {r['test_examples']} | {r['delta_correct']:+d} | "
+                  f"{_percent(r['relative_change'])} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2%}"  # None: the generalist had no correct answer to compare with
+
+
+def _top1(q: torch.Tensor, labels: torch.Tensor) -> float:
+    return (q.argmax(dim=1) == labels).double().mean().item()
+
+
+def _mean_active(p_general: torch.Tensor, subsets: list[torch.Tensor], top_n: int | None) -> float:
+    if top_n is None:
+        return 0.0
+    return active_specialists(p_general, subsets, top_n).sum(dim=0).double().mean().item()

@@ -1,0 +1,224 @@
+"""The combiner (specialists/combine.py): both solvers reach the one minimum of
+KL(p^g ‖ q) + Σ_{m∈A} KL(p^m ‖ q^m), checked against closed forms and plain per-example loops."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from specialists.combine import combine, objective
+
+
+def random_case(seed: int, examples: int = 12, classes: int = 30, specialists: int = 6, size: int = 8,
+                dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """p^g, specialists' probabilities (dustbin last) and random overlapping subsets, all classes
+    and dustbins with some mass; a few classes are in no subset, so top_n=1 leaves some examples
+    with no active specialist and gives others one or two."""
+    g = torch.Generator().manual_seed(seed)
+    p_general = torch.softmax(2 * torch.randn(examples, classes, generator=g, dtype=torch.float64), 1)
+    subsets = [torch.randperm(classes, generator=g)[:size] for _ in range(specialists)]
+    probs = [torch.softmax(2 * torch.randn(examples, size + 1, generator=g, dtype=torch.float64), 1)
+             for _ in range(specialists)]
+    return p_general.to(dtype), [p.to(dtype) for p in probs], subsets
+
+
+def loop_active(p_general: torch.Tensor, subsets: list, top_n: int | None) -> list[list[int]]:
+    """For each example, the specialists whose subset holds one of its top_n classes, by plain loops."""
+    active = []
+    for row in p_general.tolist():
+        top = sorted(range(len(row)), key=lambda c: -row[c])[:top_n] if top_n is not None else range(len(row))
+        active.append([m for m, s in enumerate(subsets) if set(top) & {int(c) for c in s}])
+    return active
+
+
+def loop_objective(p_general: torch.Tensor, probs: list, subsets: list, q: torch.Tensor,
+                   top_n: int | None) -> list[float]:
+    """KL(p^g ‖ q) + Σ_{m∈A} KL(p^m ‖ q^m) written out with Python floats, one example at a time."""
+    def kl(p: list[float], r: list[float]) -> float:
+        return sum(pi * math.log(pi / ri) for pi, ri in zip(p, r) if pi > 0)
+
+    values = []
+    for b, active in enumerate(loop_active(p_general, subsets, top_n)):
+        qb = q[b].tolist()
+        value = kl(p_general[b].tolist(), qb)
+        for m in active:
+            ids = [int(c) for c in subsets[m]]
+            collapsed = [qb[c] for c in ids] + [sum(qb) - sum(qb[c] for c in ids)]
+            value += kl(probs[m][b].tolist(), collapsed)
+        values.append(value)
+    return values
+
+
+def loop_fixed_point(p_general: torch.Tensor, probs: list, subsets: list, top_n: int | None,
+                     iterations: int) -> torch.Tensor:
+    """The EM update of DESIGN.md, one example and one specialist at a time, Q_m summed directly:
+    q_c ← [p^g_c + Σ_{m∈A} ([c∈S_m] p^m_c + [c∉S_m] p^m_⊥ q_c / Q_m)] / (1 + |A|)."""
+    out = p_general.clone()
+    for b, active in enumerate(loop_active(p_general, subsets, top_n)):
+        q = p_general[b].clone()
+        for _ in range(iterations):
+            new = p_general[b].clone()
+            for m in active:
+                inside = torch.zeros_like(q, dtype=torch.bool)
+                inside[subsets[m]] = True
+                outside_mass = q[~inside].sum()
+                new[subsets[m]] += probs[m][b, :-1]
+                new[~inside] += probs[m][b, -1] * q[~inside] / outside_mass
+            q = new / (1 + len(active))
+        out[b] = q
+    return out
+
+
+@pytest.mark.parametrize("top_n", [1, 2, None])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_both_methods_reach_the_same_minimum(seed, top_n):
+    case = random_case(seed)
+    active = loop_active(case[0], case[2], top_n)
+    if top_n == 1:  # the case exercises partial activity: none, one and several active specialists
+        assert {0, 1} <= {len(a) for a in active} and max(len(a) for a in active) >= 2
+    q_fixed = combine(*case, top_n=top_n)
+    q_grad = combine(*case, top_n=top_n, method="gradient")
+    f_fixed, f_grad = objective(*case, q_fixed, top_n=top_n), objective(*case, q_grad, top_n=top_n)
+    torch.testing.assert_close(f_grad, f_fixed, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(q_grad, q_fixed, rtol=0, atol=1e-6)
+    start = objective(*case, case[0], top_n=top_n)
+    assert (f_fixed < start - 1e-3)[[len(a) > 0 for a in active]].all()  # the combiner did move q
+
+
+def test_fixed_point_never_increases_the_objective():
+    case = random_case(2, specialists=10)
+    values = [objective(*case, combine(*case, top_n=None, max_iter=k, tol=0), top_n=None) for k in range(30)]
+    for before, after in itertools.pairwise(values):
+        assert (after <= before + 1e-12 * before.abs()).all()
+    assert (values[-1] < values[1] - 1e-4).all()  # it went on improving after the first step
+
+
+def test_no_active_specialist_leaves_the_generalist_exactly():
+    p_general, probs, subsets = random_case(3)
+    top = p_general.argmax(1)
+    subsets = [torch.tensor([c for c in s.tolist() if c not in top[:6].tolist()]) for s in subsets]
+    g = torch.Generator().manual_seed(3)
+    probs = [torch.softmax(torch.randn(len(p_general), len(s) + 1, generator=g, dtype=torch.float64), 1)
+             for s in subsets]
+    active = torch.tensor([len(a) > 0 for a in loop_active(p_general, subsets, 1)])
+    assert not active[:6].any() and active.any()
+    q = combine(p_general, probs, subsets)
+    assert torch.equal(q[:6], p_general[:6])
+    assert not torch.equal(q[active], p_general[active])
+    assert torch.equal(combine(p_general, [], []), p_general)
+
+
+@pytest.mark.parametrize("shape", ["partition", "overlapping"])
+def test_dustbin_free_specialists_give_the_arithmetic_mean(shape):
+    """With every specialist active and p^m_⊥ = 0, the objective is -Σ_c (p^g_c + Σ_{m: c∈S_m} p^m_c) log q_c
+    + const, minimised by q_c = (p^g_c + Σ_{m: c∈S_m} p^m_c) / (1 + M): the arithmetic mean of the 1 + M
+    distributions over all C classes, each specialist's extended by zeros outside its subset (the
+    normaliser is 1 + M because each specialist's mass on its subset is 1). For a class held by one
+    specialist m, that is (p^g_c + p^m_c)/(1 + M), not the mean (p^g_c + p^m_c)/2 of the two opinions
+    about c. A partition is not needed: overlapping subsets covering only some classes give the same."""
+    g = torch.Generator().manual_seed(4)
+    examples, classes = 7, 24
+    p_general = torch.softmax(torch.randn(examples, classes, generator=g, dtype=torch.float64), 1)
+    if shape == "partition":
+        subsets = list(torch.randperm(classes, generator=g).split([5, 7, 3, 9]))
+    else:
+        subsets = [torch.randperm(classes, generator=g)[:6] for _ in range(5)]
+    probs = [torch.cat([torch.softmax(torch.randn(examples, len(s), generator=g, dtype=torch.float64), 1),
+                        torch.zeros(examples, 1, dtype=torch.float64)], 1) for s in subsets]
+    mean = p_general.clone()
+    for s, p in zip(subsets, probs):
+        mean[:, s] += p[:, :-1]
+    mean /= 1 + len(subsets)
+    torch.testing.assert_close(combine(p_general, probs, subsets, top_n=None), mean, rtol=0, atol=1e-15)
+    torch.testing.assert_close(combine(p_general, probs, subsets, top_n=None, method="gradient"), mean,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "gradient"])
+def test_one_active_specialist_matches_the_closed_form(method):
+    """Disjoint subsets and each example's top class in one of them: exactly one specialist m is
+    active, and q_c = (p^g_c + p^m_c)/2 on S_m, q_c = p^g_c (P_out + p^m_⊥)/(2 P_out) off it."""
+    g = torch.Generator().manual_seed(5)
+    examples, classes = 9, 20
+    subsets = list(torch.randperm(classes, generator=g)[:12].split(4))
+    logits = torch.randn(examples, classes, generator=g, dtype=torch.float64)
+    owner = torch.arange(examples) % len(subsets)
+    logits[torch.arange(examples), torch.stack([subsets[m][0] for m in owner])] += 5
+    p_general = torch.softmax(logits, 1)
+    probs = [torch.softmax(torch.randn(examples, len(s) + 1, generator=g, dtype=torch.float64), 1) for s in subsets]
+    assert loop_active(p_general, subsets, 1) == [[int(m)] for m in owner]
+    expected = torch.empty_like(p_general)
+    for b, m in enumerate(owner.tolist()):
+        out_mass = p_general[b].sum() - p_general[b, subsets[m]].sum()
+        expected[b] = p_general[b] * (out_mass + probs[m][b, -1]) / (2 * out_mass)
+        expected[b, subsets[m]] = (p_general[b, subsets[m]] + probs[m][b, :-1]) / 2
+    q = combine(p_general, probs, subsets, method=method)
+    torch.testing.assert_close(q, expected, rtol=0, atol=1e-14 if method == "fixed_point" else 1e-6)
+
+
+@pytest.mark.parametrize("top_n", [1, 2, None])
+def test_objective_matches_a_per_example_loop(top_n):
+    case = random_case(6)
+    q = torch.softmax(torch.randn(case[0].shape, generator=torch.Generator().manual_seed(7),
+                                  dtype=torch.float64), 1)
+    for probe in (q, case[0], combine(*case, top_n=top_n)):
+        expected = torch.tensor(loop_objective(*case, probe, top_n), dtype=torch.float64)
+        torch.testing.assert_close(objective(*case, probe, top_n=top_n), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("top_n", [1, 2, None])
+def test_fixed_point_matches_a_per_example_loop(top_n):
+    case = random_case(8)
+    for iterations in (1, 2, 7):
+        batched = combine(*case, top_n=top_n, max_iter=iterations, tol=0)
+        torch.testing.assert_close(batched, loop_fixed_point(*case, top_n, iterations), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("top_n", [1, None])
+def test_float32_agrees_with_float64(top_n):
+    case64, case32 = random_case(9, classes=200, specialists=12, size=30), \
+        random_case(9, classes=200, specialists=12, size=30, dtype=torch.float32)
+    q32 = combine(*case32, top_n=top_n)
+    assert q32.dtype == torch.float32
+    torch.testing.assert_close(q32.double(), combine(*case64, top_n=top_n), rtol=0, atol=1e-5)
+    f32 = objective(*case32, q32, top_n=top_n)
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), objective(*case64, q32.double(), top_n=top_n), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "gradient"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("top_n", [1, None])
+def test_rows_are_distributions(method, dtype, top_n):
+    case = random_case(10, dtype=dtype)
+    q = combine(*case, top_n=top_n, method=method)
+    assert q.dtype == dtype and q.device == case[0].device and q.shape == case[0].shape
+    assert (q >= 0).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(len(q), dtype=dtype), rtol=0,
+                               atol=10 * torch.finfo(dtype).eps)
+
+
+def test_bad_inputs_raise_value_errors():
+    p_general, probs, subsets = random_case(11)
+    bad = {
+        "one probability tensor per subset": (p_general, probs[:-1], subsets, {}),
+        "expected .*the batch size": (p_general, [probs[0][:-1], *probs[1:]], subsets, {}),
+        r"expected \(12, 9\)": (p_general, [probs[0][:, 1:], *probs[1:]], subsets, {}),
+        r"outside \[0, 30\)": (p_general, probs, [subsets[0] + 30, *subsets[1:]], {}),
+        r"outside \[0, 30\): \[-1\]": (p_general, probs, [[-1, *subsets[0][1:].tolist()], *subsets[1:]], {}),
+        "repeats a class id": (p_general, probs, [subsets[0][[0, 0, 1, 2, 3, 4, 5, 6]], *subsets[1:]], {}),
+        "integer class ids": (p_general, probs, [subsets[0].double(), *subsets[1:]], {}),
+        "unknown method": (p_general, probs, subsets, {"method": "newton"}),
+        "top_n must be": (p_general, probs, subsets, {"top_n": 0}),
+        "2-D floating-point": (p_general[0], probs, subsets, {}),
+        "p_general.s rows must sum to 1": (3 * p_general, probs, subsets, {}),
+        "negative or NaN": (p_general.index_fill(1, torch.tensor([3]), float("nan")), probs, subsets, {}),
+        "specialist_probs\\[2\\]'s rows": (p_general, [*probs[:2], probs[2] * 2, *probs[3:]], subsets, {}),
+    }
+    for message, (p, specialist_probs, ids, options) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            combine(p, specialist_probs, ids, **options)
+    with pytest.raises(ValueError, match="q must be a tensor of p_general's shape"):
+        objective(p_general, probs, subsets, p_general[:, 1:])

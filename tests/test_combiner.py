@@ -1,0 +1,96 @@
+"""The Combiner API and the evaluation stage, on a tiny run whose specialists are trained."""
+import json
+
+import pytest
+import torch
+from conftest import specialists_run
+
+from ensemble.data import load_data
+from ensemble.pipeline import run_pipeline
+from ensemble.rundir import load_tensors
+from ensemble.train import predict_logits
+from specialists import Combiner, combine
+from specialists.combiner import load_ensemble
+from specialists.evaluate import (
+    average_combine,
+    conditional_top1,
+    expand,
+    lowest_dustbin_combine,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(upstream, tmp_path_factory):
+    """A copy of the tiny upstream run with its specialists and evaluation done."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = specialists_run(upstream, root)
+    run_pipeline(cfg)
+    return cfg
+
+
+def test_combiner_runs_only_the_specialists_an_example_needs(trained):
+    run = trained.run_dir
+    x = load_data(trained.data).x_test
+    ensemble = Combiner.from_run(run)
+    seen = [0] * len(ensemble.specialists)
+    for m, net in enumerate(ensemble.specialists):
+        net.register_forward_hook(lambda mod, args, out, m=m: seen.__setitem__(m, seen[m] + len(args[0])))
+    q = ensemble.predict_proba(x)
+    needed = list(seen)
+
+    # the reference: every specialist on every example, then the functional core
+    generalist, specialists, subsets = load_ensemble(run, trained)
+    p_general = predict_logits(generalist, x, device=torch.device("cpu")).softmax(1)
+    probs = [predict_logits(net, x, device=torch.device("cpu")).softmax(1) for net in specialists]
+    expected = combine(p_general, probs, subsets, top_n=1)
+    assert torch.allclose(q, expected, atol=1e-5)
+    assert torch.equal(ensemble.predict(x), q.argmax(1))
+    top = p_general.argmax(1)
+    assert needed == [int(torch.isin(top, torch.tensor(s)).sum()) for s in subsets]  # only the active examples
+
+    everyone = Combiner.from_run(run, top_n=None).predict_proba(x[:50])
+    assert torch.allclose(everyone, combine(p_general[:50], [p[:50] for p in probs], subsets, top_n=None), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        Combiner.from_run(run / "nothing")
+
+
+def test_evaluation_tables_match_a_slow_recount(trained):
+    report = json.loads((trained.run_dir / "combine" / "eval.json").read_text())
+    preds = load_tensors(trained.run_dir / "generalist" / "predictions.safetensors")
+    labels = preds["test_labels"]
+    assert [r["system"] for r in report["table3"]] == [
+        "generalist", "KL combiner, top_n=1", "KL combiner, top_n=2", "KL combiner, top_n=5",
+        "average, top_n=1", "lowest dustbin, top_n=1"]
+    general = report["table3"][0]
+    assert general["test_top1"] == pytest.approx((preds["test_probs"].argmax(1) == labels).float().mean().item())
+    subsets = json.loads((trained.run_dir / "specialists" / "subsets.json").read_text())["subsets"]
+    pairs = [(p, y, s["classes"]) for p, y in zip(preds["test_probs"].tolist(), labels.tolist())
+             for s in subsets if y in s["classes"]]
+    hits = sum(max(s, key=lambda c: p[c]) == y for p, y, s in pairs)
+    assert general["conditional_top1"] == pytest.approx(hits / len(pairs))
+    for name, rows in report["table4"].items():
+        assert sum(r["test_examples"] for r in rows) == len(labels)
+        combined = next(r for r in report["table3"] if r["system"] == name)
+        delta = sum(r["delta_correct"] for r in rows)
+        assert combined["test_top1"] - general["test_top1"] == pytest.approx(delta / len(labels))
+    assert (trained.run_dir / "combine" / "table4.png").stat().st_size > 5_000
+    assert "Table 3" in (trained.run_dir / "combine" / "tables.md").read_text()
+
+
+def test_simple_combiners_and_conditional_accuracy():
+    p_general = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.1, 0.2, 0.6]], dtype=torch.float64)
+    subsets = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    probs = [torch.tensor([[0.2, 0.7, 0.1], [0.3, 0.3, 0.4]], dtype=torch.float64),
+             torch.tensor([[0.4, 0.3, 0.3], [0.1, 0.1, 0.8]], dtype=torch.float64)]
+    e = expand(p_general, probs[0], subsets[0])
+    assert torch.allclose(e[0], torch.tensor([0.2, 0.7, 0.05, 0.05], dtype=torch.float64))
+    avg = average_combine(p_general, probs, subsets, top_n=1)  # example 0: specialist 0; example 1: specialist 1
+    assert torch.allclose(avg[0], (p_general[0] + e[0]) / 2)
+    assert torch.allclose(avg[1], (p_general[1] + expand(p_general, probs[1], subsets[1])[1]) / 2)
+    low = lowest_dustbin_combine(p_general, probs, subsets, top_n=4)  # both active for both examples
+    assert torch.equal(low, e)  # specialist 0's dustbins (0.1, 0.4) are the lower ones
+    alone = lowest_dustbin_combine(p_general, probs, subsets, top_n=1)
+    assert torch.equal(alone[1], expand(p_general, probs[1], subsets[1])[1])  # the only active one
+    labels = torch.tensor([1, 2])
+    assert conditional_top1(p_general, labels, subsets) == 0.0  # 0 beats 1 in {0, 1}; 3 beats 2 in {2, 3}
+    assert conditional_top1(avg, labels, subsets) == 0.5
