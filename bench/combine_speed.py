@@ -4,35 +4,37 @@
                                    --dtypes float64 float32 --top-n 1 none --gradient-budget 300]
 
 Run from the repository root. Synthetic inputs (`synthetic_batch`): each example has a true class whose
-generalist logit is raised; the generalist's logits are 2·N(0, 1) plus that peak, a specialist's are
-the generalist's on its subset plus 0.5·N(0, 1) noise (and +1 on the true class), its dustbin logit the
-log of the generalist's mass outside the subset plus noise. Subsets: random, overlapping.
+generalist logit is raised by 12; the generalist's logits are 2·N(0, 1) plus that peak, a specialist's
+are the generalist's on its subset plus 0.5·N(0, 1) noise (and +1 on the true class), its dustbin logit
+the log of the generalist's mass outside the subset plus noise. Subsets: random, overlapping.
 
-For each solver dtype and top_n (1: the paper's; none: every specialist active):
+For each solver dtype and top_n (1: the paper's; none: every specialist active), every time both as
+wall seconds (`_s`) and as the process's CPU seconds, user + system (`_cpu`): on a shared machine
+the CPU time is the steadier of the two, and page faults count in it.
 
 - `read_ex_s`: the bandwidth bound, examples/s at which the machine merely reads the inputs once
   (p_general.sum() and every specialist tensor's .sum()); `fp_of_bound`: fixed_point's rate as a
   fraction of it.
-- `fp_s`, `fp_ex_s`: one `combine(..., method="fixed_point")` (best of --repeats), with its defaults;
-  `fp_setup_s`: the same call with max_iter=0 (checks, gathers, layout): what is not iterations.
+- `fp_s`, `fp_ex_s`: one `combine(..., method="fixed_point")` with its defaults; `fp_setup_s`: the
+  same call with max_iter=0 (checks, gathers, layout): what is not iterations.
 - `fp_gap`: fixed_point's objective against a float64 fixed point run to tol 1e-12, worst example.
-- Times are the best of --repeats calls (fewer once the calls have taken 20 s).
-- `grad_iters`, `grad_s`: gradient with max_iter doubled from 25 (tol=0, so it runs them all) until
-  its objective is within 1e-6 relative of fixed_point's on every example with an active
-  specialist (`reached`), or until the next run would overrun --gradient-budget seconds, or until
-  doubling the iterations no longer halves the gap twice running (stalled: in float32 the objective's
-  rounding, about eps × its entropy terms, exceeds 1e-6 of a small objective, so only float64 rows can
-  settle a 1e-6 race); the time is that last run's. `grad_gap`: the worst example's relative gap it
-  reached. When reached, the run before it (half the iterations) had not got there, so the time to
-  reach the target lies between that run's time and grad_s: `speedup` = grad_s / fp_s and
-  `speedup_low` = that run's time / fp_s. When not reached, speedup_low = speedup = grad_s / fp_s
-  is a lower bound.
+- `grad_iters`, `grad_s`: gradient with max_iter = 25, 50, 100, ... (tol=0, so it runs them all)
+  until its objective is within 1e-6 relative of fixed_point's on every example with an active
+  specialist (`reached`), or until doubling the iterations no longer halves the gap twice running
+  (stalled: in float32 the objective's rounding exceeds 1e-6 of a small objective, so only float64
+  rows can settle a 1e-6 race), or until --gradient-budget wall seconds are spent: the last run
+  then takes as many iterations as the rest of the budget allows at the rate measured so far.
+  The time is that last run's; `grad_gap`: the worst example's relative gap it reached.
+  `speedup` = grad_cpu / fp_cpu. When reached, the run before it (half the iterations) had not got
+  there, so the time to reach the target lies between that run's and the last: `speedup_low` is
+  that earlier run's CPU time / fp_cpu. When not reached, speedup_low = speedup, a lower bound.
 - `fp_peak_mb`, `grad_peak_mb`: the process's peak resident memory during the call, above its
   resident memory before it (Linux VmHWM, reset through /proc/self/clear_refs): the working memory
   the call touched that was not already resident (at small sizes the allocator reuses resident
-  memory and this reads low); `input_mb`: the inputs' tensor bytes.
+  memory and this reads low). The inputs' bytes are in the JSON's meta.
+- Times are the best of --repeats calls (fewer once the calls have taken 20 s).
 
-Objectives are evaluated in float64 whatever --dtype the solvers run in. Results:
+Objectives are evaluated in float64 whatever dtype the solvers run in. Results:
 bench/results/combine_speed.{json,md}.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import torch
 from common import write_results
@@ -53,6 +56,7 @@ from specialists.combine import combine, objective
 
 TARGET = 1e-6  # the gradient method must come this close (relative) to fixed_point's objective
 BEST_OF_BUDGET = 20.0  # seconds: stop repeating a timed call once its runs have taken this long
+T = TypeVar("T")
 
 
 def main() -> None:
@@ -84,6 +88,8 @@ def main() -> None:
         "classes": args.classes, "specialists": args.specialists, "subset_size": args.subset_size,
         "batch": args.batch, "target_relative_gap": TARGET,
         "gradient_budget_s": args.gradient_budget, "repeats": args.repeats, "seed": args.seed,
+        "input_mb": {dtype: (p_general.numel() + sum(q.numel() for q in probs)) * getattr(torch, dtype).itemsize
+                     / 2**20 for dtype in args.dtypes},
         "memory": "peak resident memory during the call above resident memory before it (VmHWM after "
                   "resetting it through /proc/self/clear_refs)"})
 
@@ -113,33 +119,34 @@ def measure(inputs: tuple, exact: tuple, reference: torch.Tensor, top_n: int | N
     p_general, probs, subsets = inputs
     batch = len(p_general)
     active = active_mask(p_general, subsets, top_n)
-    read_s = best_time(lambda: [p_general.sum(), *(q.sum() for q in probs)], repeats + 2)
-    fp_s = best_time(lambda: combine(*inputs, top_n=top_n), repeats)
+    read = best_time(lambda: [p_general.sum(), *(q.sum() for q in probs)], repeats + 7)
+    fp = best_time(lambda: combine(*inputs, top_n=top_n), repeats)
     with warnings.catch_warnings(action="ignore", category=RuntimeWarning):  # max_iter=0 does not converge
-        setup_s = best_time(lambda: combine(*inputs, top_n=top_n, max_iter=0), repeats)
+        setup = best_time(lambda: combine(*inputs, top_n=top_n, max_iter=0), repeats)
     q_fp, fp_peak = peak_mb(lambda: combine(*inputs, top_n=top_n))
     f_fp = evaluate(exact, q_fp, top_n)
     grad = gradient_until_target(inputs, exact, top_n, f_fp, active, budget)
-    print(f"  fixed_point {fp_s:.3f} s; gradient {grad['iters']} iterations {grad['s']:.1f} s, "
-          f"gap {grad['gap']:.2e}", flush=True)
+    print(f"  fixed_point {fp.wall:.2f} s ({fp.cpu:.2f} CPU s); gradient {grad['iters']} iterations "
+          f"{grad['wall']:.1f} s ({grad['cpu']:.1f} CPU s), gap {grad['gap']:.2e}", flush=True)
     return {
         "top_n": "none" if top_n is None else top_n,
         "mean_active": round(active.sum(1).double().mean().item(), 2),
         "no_active": round((~active.any(1)).double().mean().item(), 3),
-        "read_ex_s": batch / read_s,
-        "fp_setup_s": setup_s,
-        "fp_s": fp_s,
-        "fp_ex_s": batch / fp_s,
-        "fp_of_bound": read_s / fp_s,
+        "read_ex_s": batch / read.wall,
+        "fp_setup_s": setup.wall,
+        "fp_s": fp.wall,
+        "fp_cpu": fp.cpu,
+        "fp_ex_s": batch / fp.wall,
+        "fp_of_bound": read.wall / fp.wall,
         "fp_gap": relative_gap(f_fp, reference, active),
         "grad_iters": grad["iters"],
-        "grad_s": grad["s"],
-        "grad_ex_s": batch / grad["s"],
+        "grad_s": grad["wall"],
+        "grad_cpu": grad["cpu"],
+        "grad_ex_s": batch / grad["wall"],
         "grad_gap": grad["gap"],
         "reached": grad["gap"] <= TARGET,
-        "speedup_low": grad["before_s"] / fp_s,
-        "speedup": grad["s"] / fp_s,
-        "input_mb": (p_general.nbytes + sum(q.nbytes for q in probs)) / 2**20,
+        "speedup_low": grad["cpu_before"] / fp.cpu,
+        "speedup": grad["cpu"] / fp.cpu,
         "fp_peak_mb": fp_peak,
         "grad_peak_mb": grad["peak_mb"],
     }
@@ -148,20 +155,22 @@ def measure(inputs: tuple, exact: tuple, reference: torch.Tensor, top_n: int | N
 def gradient_until_target(inputs: tuple, exact: tuple, top_n: int | None, f_fp: torch.Tensor,
                           active: torch.Tensor, budget: float) -> dict:
     """Gradient runs of 25, 50, 100, ... iterations until one is within TARGET of fixed_point's
-    objective on every active example, the next would overrun the budget, or the gap stalls."""
-    iters, spent, before_s, gaps = 25, 0.0, 0.0, []
+    objective on every active example, the gap stalls, or the budget is spent (see the module doc)."""
+    iters, spent, gaps, before = 25, 0.0, [], None
     while True:
-        start = time.perf_counter()
-        q, peak = peak_mb(partial(combine, *inputs, top_n=top_n, method="gradient", max_iter=iters, tol=0))
-        seconds = time.perf_counter() - start
-        spent += seconds
+        (q, peak), timing = timed(partial(peak_mb, partial(combine, *inputs, top_n=top_n, method="gradient",
+                                                             max_iter=iters, tol=0)))
+        spent += timing.wall
         gaps.append(relative_gap(evaluate(exact, q, top_n), f_fp, active))
-        print(f"  gradient {iters} iterations: {seconds:.1f} s, gap {gaps[-1]:.2e}", flush=True)
+        print(f"  gradient {iters} iterations: {timing.wall:.1f} s ({timing.cpu:.1f} CPU s), "
+              f"gap {gaps[-1]:.2e}", flush=True)
         stalled = len(gaps) >= 3 and gaps[-1] > gaps[-2] / 2 and gaps[-2] > gaps[-3] / 2
-        if gaps[-1] <= TARGET or stalled or spent + 2 * seconds > budget:
-            return {"iters": iters, "s": seconds, "gap": gaps[-1], "peak_mb": peak,
-                    "before_s": before_s if gaps[-1] <= TARGET else seconds}
-        iters, before_s = 2 * iters, seconds
+        affordable = int((budget - spent) / timing.wall * iters)  # iterations the rest of the budget buys
+        if gaps[-1] <= TARGET or stalled or affordable <= iters:
+            cpu_before = before.cpu if gaps[-1] <= TARGET and before else timing.cpu
+            return {"iters": iters, "wall": timing.wall, "cpu": timing.cpu, "cpu_before": cpu_before,
+                    "gap": gaps[-1], "peak_mb": peak}
+        iters, before = min(2 * iters, affordable), timing
 
 
 def active_mask(p_general: torch.Tensor, subsets: list[torch.Tensor], top_n: int | None) -> torch.Tensor:
@@ -187,15 +196,25 @@ def relative_gap(f: torch.Tensor, reference: torch.Tensor, active: torch.Tensor)
     return ((f[rows] - reference[rows]) / reference[rows]).max().item() if rows.any() else 0.0
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """The shortest wall time of fn() over `repeats` calls, or over as many as fit in BEST_OF_BUDGET
-    seconds (at least one)."""
-    times: list[float] = []
-    while len(times) < repeats and sum(times) < BEST_OF_BUDGET:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+class Timing(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # CPU seconds of this process, user + system, all threads
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
+    """fn()'s result and how long it took."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> Timing:
+    """The shortest wall and CPU times of fn() over `repeats` calls, or over as many as fit in
+    BEST_OF_BUDGET wall seconds (at least one)."""
+    times: list[Timing] = []
+    while len(times) < repeats and sum(t.wall for t in times) < BEST_OF_BUDGET:
+        times.append(timed(fn)[1])
+    return Timing(min(t.wall for t in times), min(t.cpu for t in times))
 
 
 def peak_mb(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:

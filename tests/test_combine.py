@@ -156,6 +156,9 @@ def test_one_active_specialist_matches_the_closed_form(method):
         expected[b, subsets[m]] = (p_general[b, subsets[m]] + probs[m][b, :-1]) / 2
     q = combine(p_general, probs, subsets, method=method)
     torch.testing.assert_close(q, expected, rtol=0, atol=1e-14 if method == "fixed_point" else 1e-6)
+    if method == "fixed_point":  # one EM step from p^g lands on it
+        torch.testing.assert_close(combine(p_general, probs, subsets, max_iter=1, tol=0), expected,
+                                   rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("top_n", [1, 2, None])
@@ -174,6 +177,15 @@ def test_fixed_point_matches_a_per_example_loop(top_n):
     for iterations in (1, 2, 7):
         batched = combine(*case, top_n=top_n, max_iter=iterations, tol=0)
         torch.testing.assert_close(batched, loop_fixed_point(*case, top_n, iterations), rtol=0, atol=1e-15)
+
+
+def test_examples_stopping_one_by_one_agree_with_iterating_all():
+    """fixed_point drops each example from the batch once its own step is below tol."""
+    case = random_case(12, examples=40)
+    iterated = combine(*case, top_n=2, max_iter=3000, tol=0)
+    torch.testing.assert_close(combine(*case, top_n=2), iterated, rtol=0, atol=1e-8)
+    with pytest.warns(RuntimeWarning, match="stopped at max_iter=3"):
+        combine(*case, top_n=2, max_iter=3)
 
 
 @pytest.mark.parametrize("top_n", [1, None])
