@@ -52,7 +52,9 @@ def plot_table4(path: Path, table4: dict[str, list[dict]]) -> None:
             ax.annotate(str(r["test_examples"]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("active specialists covering the true class")
+    ax.set_xticks(sorted({r["covering_specialists"] for rows in table4.values() for r in rows}))
+    ax.set_xlabel("active specialists covering the true class (bar labels: test examples; no bar where "
+                  "the generalist had none right)", fontsize=8)
     ax.set_ylabel("relative change in correct top-1 (%)")
     ax.set_title("Table 4: where the specialists change the generalist's answers")
     ax.legend(fontsize=8)
