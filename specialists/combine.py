@@ -172,7 +172,7 @@ def _gradient(problem: _Problem, tol: float, max_iter: int) -> Tensor:
             break
     else:
         _warn_unconverged("gradient", max_iter, tol)
-    return torch.softmax(best, dim=0)
+    return _log_softmax(best).exp()
 
 
 def _warn_unconverged(method: str, max_iter: int, tol: float) -> None:
@@ -187,10 +187,17 @@ def _value_and_grad(problem: _Problem, z: Tensor) -> tuple[Tensor, Tensor]:
     """f at q = softmax(z) per example, and its gradient in z, by autograd."""
     with torch.enable_grad():
         z = z.detach().requires_grad_()
-        log_q = torch.log_softmax(z, dim=0)
+        log_q = _log_softmax(z)
         f = _objective(problem, log_q, _outside_mass(problem, log_q.exp()))
         (grad,) = torch.autograd.grad(f.sum(), z)
     return f.detach(), grad
+
+
+def _log_softmax(z: Tensor) -> Tensor:
+    """log softmax over dim 0 as z - logsumexp(z): torch's own log_softmax along a dim that is not the
+    last loses ~1e-4 of the normaliser over 15,000 float32 classes, and the objective multiplies
+    that error by 1 + |A|."""
+    return z - torch.logsumexp(z, dim=0)
 
 
 def _objective(problem: _Problem, log_q: Tensor, outside: Tensor) -> Tensor:
