@@ -42,21 +42,18 @@ from __future__ import annotations
 import argparse
 import gc
 import re
-import time
 import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple, TypeVar
 
 import torch
-from common import write_results
+from common import Timing, timed, write_results
 
 from specialists.combine import combine, objective
 
 TARGET = 1e-6  # the gradient method must come this close (relative) to fixed_point's objective
 BEST_OF_BUDGET = 20.0  # seconds: stop repeating a timed call once its runs have taken this long
-T = TypeVar("T")
 
 
 def main() -> None:
@@ -194,18 +191,6 @@ def relative_gap(f: torch.Tensor, reference: torch.Tensor, active: torch.Tensor)
     q = p^g and an objective of 0 (up to rounding) under either solver."""
     rows = active.any(1)
     return ((f[rows] - reference[rows]) / reference[rows]).max().item() if rows.any() else 0.0
-
-
-class Timing(NamedTuple):
-    wall: float  # seconds
-    cpu: float  # CPU seconds of this process, user + system, all threads
-
-
-def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
-    """fn()'s result and how long it took."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn()
-    return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> Timing:

@@ -5,11 +5,27 @@ import json
 import os
 import platform
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+T = TypeVar("T")
+
+
+class Timing(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # CPU seconds of this process, user + system, all threads
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
+    """fn()'s result and how long it took."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def machine() -> dict:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
+from common import timed, write_results
 
-from common import write_results
 from ensemble.config import NetConfig, TrainConfig
 from ensemble.data.synthetic import synthetic
 from ensemble.nets import build_net
@@ -36,12 +35,6 @@ def bare_loop(net, x, y, epochs, batch_size, channels_last):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -71,7 +64,7 @@ def main() -> None:
     names = list(runs)
     for r in range(args.repeats):  # rotate the order so that no variant always runs first
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(runs[name]))
+            times[name].append(timed(runs[name])[1].wall)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     base, base_best = med["bare loop (channels_last)"], best["bare loop (channels_last)"]

@@ -147,17 +147,23 @@ class Config:
         return Path(self.runs_dir) / self.name
 
 
+def read_yaml(path: str | Path, what: str, error: type[Exception] = ValueError) -> typing.Any:
+    """The YAML (or JSON) file at `path`, read with safe_load; a missing or malformed file is an
+    `error` that names it as `what` ("config file", "subsets file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path} is not valid YAML or JSON: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then `key=value` overrides (dotted keys)."""
     raw = to_dict(Config())
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        loaded = read_yaml(path, "config file", ConfigError)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
         _merge(raw, loaded or {}, prefix="")

@@ -5,9 +5,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ensemble.config import Config
+from ensemble.config import Config, read_yaml
 
 
 def subsets_path(cfg: Config, run_dir: Path) -> Path:
@@ -20,13 +18,7 @@ def subsets_path(cfg: Config, run_dir: Path) -> Path:
 def load_subsets(path: Path, class_names: list[str]) -> list[list[int]]:
     """Read subsets from a YAML or JSON file: a list of subsets, or a mapping with key `subsets` (as the
     cluster stage writes); each subset a list of class names or ids, or a mapping with key `classes`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"subsets file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"subsets file {path} is not valid YAML or JSON: {e}") from None
+    raw = read_yaml(path, "subsets file")
     if isinstance(raw, dict):
         raw = raw.get("subsets")
     if not isinstance(raw, list) or not raw:
