@@ -94,6 +94,11 @@ def status(run_dir: Path) -> int:
         print(f"  specialists: conditional top-1 {spec['conditional_top1']:.4f} vs the generalist's "
               f"{spec['generalist_conditional_top1']:.4f} on the same subsets; "
               f"{spec['specialists_at_least_generalist']} of {spec['num_specialists']} at least as good")
+    student = manifest.get("distill_back").get("summary")
+    if student:
+        kept = "n/a" if student["gain_kept"] is None else f"{student['gain_kept']:.0%}"
+        print(f"  distill_back: test top-1 generalist {student['generalist_top1']:.4f}, ensemble "
+              f"{student['ensemble_top1']:.4f}, student {student['student_top1']:.4f} (keeps {kept} of the gain)")
     return 0
 
 

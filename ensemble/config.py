@@ -105,6 +105,8 @@ class SpecialistsConfig:
 
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, warmup_epochs=0.2))
     in_subset_fraction: float = 0.5  # rho: the share of every batch drawn from the subset's own classes
+    select_on_validation: bool = True  # keep the trained weights only if they beat the start (the generalist's
+    #   own) in conditional top-1 on the subset's validation examples; else the specialist stays at its start
     subsets: str | None = None  # a YAML file of subsets (lists of class names or ids) to use instead of the cluster's
 
 
@@ -114,6 +116,20 @@ class CombineConfig:
 
     top_n: list[int] = field(default_factory=lambda: [1, 2, 5])  # the first is the ensemble's; all are evaluated
     method: Literal["fixed_point", "gradient"] = "fixed_point"
+
+
+@dataclass
+class DistillBackConfig:
+    """Stage 5: one student learns the ensemble's combined distribution q* (the combiner at the first
+    `combine.top_n`) on the transfer set."""
+
+    net: NetConfig | None = None  # the student; null: the generalist's architecture
+    init: Literal["generalist", "scratch"] = "generalist"  # start from the generalist's weights (same net only)
+    temperature: float = 2.0
+    alpha: float = 0.9  # the soft term's weight; 1 - alpha goes to the hard labels
+    augmented_copies: int = 0  # more transfer inputs, unlabelled: the training images under random affine maps
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=5e-4, warmup_epochs=0.2))
+    same_compute_baseline: bool = False  # also train a generalist for as many epochs as the whole pipeline spent
 
 
 @dataclass
@@ -140,6 +156,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     combine: CombineConfig = field(default_factory=CombineConfig)
+    distill_back: DistillBackConfig = field(default_factory=DistillBackConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     @property
@@ -200,7 +217,7 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
 
 
 def _check(tp: Any, value: Any, key: str) -> Any:
-    """Validate (and lightly coerce: int to float) one value against its annotated type."""
+    """Validate (and lightly coerce: int or a numeric string such as 5e-4 to float) one value against its annotated type."""
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key + ".")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -219,6 +236,11 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         return [_check(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     return value

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import cluster
+import distill_back
 import generalist
 import specialists
 import specialists.evaluate
@@ -36,6 +37,7 @@ class Stage:
     reads: Callable[[Config], Any]
     after: tuple[str, ...] = ()
     metric: str = ""  # the summary key `ensemble status` shows
+    check: Callable[[Config], None] = lambda cfg: None  # raises on bad settings, before any stage runs
 
 
 STAGES: tuple[Stage, ...] = (
@@ -48,6 +50,9 @@ STAGES: tuple[Stage, ...] = (
           after=("generalist", "cluster"), metric="conditional_gain"),
     Stage("combine", specialists.evaluate.run, lambda c: (c.combine, data_fingerprint(c.data)),
           after=("generalist", "specialists"), metric="ensemble_top1"),
+    Stage("distill_back", distill_back.run, lambda c: (c.seed, c.generalist, c.combine, c.distill_back,
+                                                       data_fingerprint(c.data)),
+          after=("generalist", "specialists"), metric="student_top1", check=distill_back.check),
 )
 
 
@@ -75,6 +80,8 @@ def run_pipeline(cfg: Config, only: str | None = None) -> dict[str, dict]:
     write_run_files(run_dir, to_dict(cfg))
     manifest = Manifest(run_dir)
     stages = STAGES if only is None else (stage_named(only),)
+    for stage in stages:
+        stage.check(cfg)
     summaries = {}
     for stage in stages:
         for up in stage.after:

@@ -27,6 +27,7 @@ from .rundir import CHECKPOINT, load_checkpoint, save_checkpoint, write_text
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[torch.Generator], torch.Tensor]  # one epoch's example indices, in order
+Targets = torch.Tensor | tuple[torch.Tensor, ...]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
 def fit(
     model: nn.Module,
     x: torch.Tensor,
-    targets: torch.Tensor,
+    targets: Targets,
     cfg: TrainConfig,
     workdir: Path,
     *,
@@ -54,11 +55,14 @@ def fit(
     desc: str = "train",
     on_epoch: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Train `model` on uint8 images `x` (N, C, H, W) against `targets`: class ids (N,) or soft
-    targets (N, K). Returns the per-epoch metrics, also written to `<workdir>/metrics.jsonl`.
-    `on_epoch(history)` runs after each epoch's checkpoint is written (to copy it elsewhere)."""
-    if len(x) != len(targets):
-        raise ValueError(f"{len(x)} images but {len(targets)} targets")
+    """Train `model` on uint8 images `x` (N, C, H, W) against `targets`: class ids (N,), soft
+    targets (N, K), or a tuple of per-example tensors that `loss_fn` takes apart (train accuracy is
+    measured against the first). Returns the per-epoch metrics, also written to
+    `<workdir>/metrics.jsonl`. `on_epoch(history)` runs after each epoch's checkpoint is written (to
+    copy it elsewhere)."""
+    parts = targets if isinstance(targets, tuple) else (targets,)
+    if any(len(t) != len(x) for t in parts):
+        raise ValueError(f"{len(x)} images but {[len(t) for t in parts]} targets")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     loss_fn = loss_fn or (lambda z, y: F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing))
@@ -73,7 +77,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
-    key = config_hash(cfg, seed, len(x), tuple(targets.shape))
+    key = config_hash(cfg, seed, len(x), [tuple(t.shape) for t in parts])
     state = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen)
     start, history = state
     for epoch in range(start, cfg.epochs):
@@ -88,7 +92,7 @@ def fit(
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             xb = _prepare(x[idx], device, memory_format)
             xb = augment(xb, cfg.augment, gen)
-            yb = targets[idx].to(device, non_blocking=True)
+            yb = _rows(targets, idx, device)
             with autocast():
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
@@ -103,7 +107,7 @@ def fit(
             bar.update()
         bar.close()
         row = {"epoch": epoch + 1, "train_loss": (sums[0] / sums[2]).item(), "train_acc": (sums[1] / sums[2]).item(),
-               "lr": optimizer.param_groups[0]["lr"]}
+               "lr": optimizer.param_groups[0]["lr"], "examples": int(sums[2])}
         if val is not None:
             row.update(evaluate(model, *val, device=device, batch_size=cfg.eval_batch_size,
                                 channels_last=cfg.channels_last, prefix="val_"))
@@ -181,7 +185,14 @@ def _prepare(x: torch.Tensor, device: torch.device, memory_format: torch.memory_
     return x.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=memory_format)
 
 
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _rows(targets: Targets, idx: torch.Tensor, device: torch.device) -> Targets:
+    if isinstance(targets, tuple):
+        return tuple(t[idx].to(device, non_blocking=True) for t in targets)
+    return targets[idx].to(device, non_blocking=True)
+
+
+def _correct(logits: torch.Tensor, y: Targets) -> torch.Tensor:
+    y = y[0] if isinstance(y, tuple) else y
     labels = y if y.ndim == 1 else y.argmax(dim=1)
     return (logits.argmax(dim=1) == labels).sum().float().cpu()
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ensemble.config import Config
+from ensemble.config import Config, TrainConfig
 from ensemble.data import Data, load_data
 from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import load_tensors, save_tensors, write_json
@@ -20,14 +20,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     out = Path(run_dir) / NAME
     data = load_data(cfg.data)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes)
-    net.set_input_stats(data.x_train)
-    print(f"generalist: {cfg.generalist.net.name} with {_n_params(net):,} parameters on {data.num_classes} "
-          f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images, "
-          f"device {device}", flush=True)
-    history = fit(net, data.x_train, data.y_train, cfg.generalist.train, out, seed=cfg.seed, device=device,
-                  val=(data.x_val, data.y_val), desc=NAME)
+    net, history = train_generalist(cfg, data, cfg.generalist.train, out, device, NAME)
     save_tensors(out / "model.safetensors", net.state_dict())
 
     batch = cfg.generalist.train.eval_batch_size
@@ -50,6 +43,20 @@ def run(run_dir: Path, cfg: Config) -> dict:
     print(f"generalist: test top-1 {metrics['test_top1']:.4f}  top-5 {metrics['test_top5']:.4f}  "
           f"NLL {metrics['test_nll']:.4f}", flush=True)
     return metrics
+
+
+def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path, device: torch.device,
+                     desc: str) -> tuple[Net, list[dict]]:
+    """A fresh `cfg.generalist.net` trained on hard labels with `train` (resuming from `workdir`)."""
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes)
+    net.set_input_stats(data.x_train)
+    print(f"{desc}: {cfg.generalist.net.name} with {_n_params(net):,} parameters on {data.num_classes} "
+          f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images, "
+          f"{train.epochs} epochs, device {device}", flush=True)
+    history = fit(net, data.x_train, data.y_train, train, workdir, seed=cfg.seed, device=device,
+                  val=(data.x_val, data.y_val), desc=desc)
+    return net, history
 
 
 def load_generalist(run_dir: Path, cfg: Config, data: Data) -> Net:

@@ -19,7 +19,8 @@ def plot_specialists(path: Path, rows: list[dict]) -> None:
     acc.bar(x + 0.2, [r["conditional_top1"] for r in rows], 0.4, label="specialist")
     low = min(min(r["generalist_conditional_top1"], r["conditional_top1"]) for r in rows)
     acc.set_ylim(max(0.0, low - 0.05), 1.0)
-    acc.set_xticks(x, [r["specialist"] for r in rows], rotation=90, fontsize=7)
+    acc.set_xticks(x, [r["specialist"] + (" (start)" if r["kept"] == "start" else "") for r in rows],
+                   rotation=90, fontsize=7)  # "(start)": training did not pay on validation; kept its start
     acc.set_ylabel("conditional top-1 on the subset's test examples")
     acc.legend(loc="upper center", bbox_to_anchor=(0.5, 1.1), ncol=2, fontsize=8)
 

@@ -46,8 +46,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
     todo.sort(key=lambda job: -len(job.classes))  # largest first, so the last to finish are short
     print(f"specialists: {len(jobs)} subsets; {len(jobs) - len(todo)} trained in an earlier run, training "
           f"{len(todo)} with the {cfg.launch.backend} backend", flush=True)
-    arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_test": data.x_test, "y_test": data.y_test,
-              "num_classes": data.num_classes}
+    arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_val": data.x_val, "y_val": data.y_val,
+              "x_test": data.x_test, "y_test": data.y_test, "num_classes": data.num_classes}
     started = time.time()
     launch = run_tasks(train_specialist, todo, (generalist_state, arrays, cfg), cfg.launch,
                        lambda job, result: _save(out / job.name, result), checkpoints=out,
@@ -66,7 +66,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
     print(_table(rows), flush=True)
     print(f"specialists: conditional top-1 {summary['conditional_top1']:.4f} vs the generalist's "
           f"{summary['generalist_conditional_top1']:.4f}; {summary['specialists_at_least_generalist']} of "
-          f"{len(rows)} specialists at least as good as the generalist on their subset", flush=True)
+          f"{len(rows)} specialists at least as good as the generalist on their subset; "
+          f"{summary['specialists_kept_trained']} kept their trained weights, the others beat their start "
+          f"(the generalist's weights) on no more validation examples and stay there", flush=True)
     return summary
 
 
@@ -104,6 +106,7 @@ def _summary(rows: list[dict]) -> dict:
         "generalist_conditional_top1": weighted("generalist_conditional_top1"),
         "conditional_gain": weighted("conditional_gain"),
         "specialists_at_least_generalist": sum(r["conditional_gain"] >= 0 for r in rows),
+        "specialists_kept_trained": sum(r["kept"] == "trained" for r in rows),
         "dustbin_abs_error": sum(abs(r["dustbin_mean_prob"] - r["dustbin_true_share"]) for r in rows) / len(rows),
         "train_seconds": round(sum(r["train_seconds"] for r in rows), 2),
     }
@@ -111,12 +114,12 @@ def _summary(rows: list[dict]) -> dict:
 
 def _table(rows: list[dict]) -> str:
     head = (f"{'spec.':<7}{'classes':>8}{'test':>7}{'generalist':>12}{'specialist':>12}{'gain':>8}"
-            f"{'dustbin p':>11}{'true':>7}{'seconds':>9}")
+            f"{'dustbin p':>11}{'true':>7}{'seconds':>9}  kept")
     lines = ["conditional top-1 on each subset's test examples; mean dustbin probability on the whole test set",
              head]
     for r in rows:
         lines.append(f"{r['specialist']:<7}{r['classes']:>8}{r['test_in_subset']:>7}"
                      f"{r['generalist_conditional_top1']:>12.4f}{r['conditional_top1']:>12.4f}"
                      f"{r['conditional_gain']:>+8.4f}{r['dustbin_mean_prob']:>11.4f}{r['dustbin_true_share']:>7.4f}"
-                     f"{r['train_seconds']:>9.1f}")
+                     f"{r['train_seconds']:>9.1f}  {r['kept']}")
     return "\n".join(lines)

@@ -42,8 +42,11 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
     """Train specialist `job`, resuming from `checkpoint` if given; return its weights (dustbin
     corrected), metrics and per-epoch history.
 
-    `data` holds uint8 images and labels `x_train y_train x_test y_test` and `num_classes`; after every
-    epoch the checkpoint goes to `store.save`."""
+    `data` holds uint8 images and labels `x_train y_train x_val y_val x_test y_test` and `num_classes`;
+    after every epoch the checkpoint goes to `store.save`. With `specialists.select_on_validation`, a
+    specialist whose training did not raise its conditional top-1 on the subset's validation examples
+    above its start's (which equals the generalist's) returns its start, uncorrected: it was never
+    trained on the shifted class mix."""
     started = time.time()
     seed = cfg.seed * 100_003 + job.index
     torch.manual_seed(seed)
@@ -56,6 +59,7 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
     sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
     features = trunk_outputs(generalist, x[sample], device, cfg.specialists.train.eval_batch_size)
     net = specialist_net(generalist, subset, features)
+    start = copy.deepcopy(net)
     init_kl = dustbin_kl(features, generalist, net, subset)
 
     rho = cfg.specialists.in_subset_fraction
@@ -70,12 +74,18 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
                           job.name, (workdir / CHECKPOINT).read_bytes(), len(h), os.getpid()))
 
     pi = in_subset.float().mean().item()
-    shift = dustbin_correction(pi, rho)
-    raw = predict_logits(net, data["x_test"], device=device, batch_size=cfg.specialists.train.eval_batch_size,
-                         channels_last=cfg.specialists.train.channels_last)
+    batch, channels_last = cfg.specialists.train.eval_batch_size, cfg.specialists.train.channels_last
+    y_val = local_labels(data["y_val"], subset, num_classes)
+    val = {name: conditional_top1(predict_logits(model, data["x_val"], device=device, batch_size=batch,
+                                                 channels_last=channels_last), y_val, len(subset))
+           for name, model in (("trained", net), ("start", start))}
+    kept = "start" if cfg.specialists.select_on_validation and val["trained"] <= val["start"] else "trained"
+    net, shift = (start, 0.0) if kept == "start" else (net, dustbin_correction(pi, rho))
+    raw = predict_logits(net, data["x_test"], device=device, batch_size=batch, channels_last=channels_last)
     correct_dustbin(net, shift)
     metrics = {
         **specialist_metrics(raw, shift, local_labels(data["y_test"], subset, num_classes), len(subset)),
+        "kept": kept, "val_conditional_top1_trained": val["trained"], "val_conditional_top1_start": val["start"],
         "classes": len(subset), "natural_share": pi, "sampled_share": rho, "dustbin_shift": shift,
         "init_dustbin_kl": init_kl, "epochs": len(history), "resumed_from_epoch": resumed,
         "train_seconds": round(sum(r["seconds"] for r in history[resumed:]), 2),
@@ -96,13 +106,19 @@ def specialist_metrics(raw_logits: torch.Tensor, shift: float, y_local: torch.Te
     bin_prob = logits.softmax(dim=1)[:, -1]
     return {
         "test_in_subset": int(inside.sum()),
-        "conditional_top1": (logits[inside, :size].argmax(dim=1) == y_local[inside]).float().mean().item(),
+        "conditional_top1": conditional_top1(logits, y_local, size),
         "dustbin_mean_prob": bin_prob.mean().item(),
         "dustbin_mean_prob_uncorrected": raw_logits.softmax(dim=1)[:, -1].mean().item(),
         "dustbin_true_share": (~inside).float().mean().item(),
         "in_out_accuracy": ((bin_prob > 0.5) == ~inside).float().mean().item(),
         "test_nll": F.cross_entropy(logits, y_local).item(),
     }
+
+
+def conditional_top1(logits: torch.Tensor, y_local: torch.Tensor, size: int) -> float:
+    """On the examples of the subset (local label < size): accuracy of the argmax over its classes."""
+    inside = y_local < size
+    return (logits[inside, :size].argmax(dim=1) == y_local[inside]).float().mean().item()
 
 
 def trunk_outputs(net: Net, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:

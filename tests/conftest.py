@@ -11,7 +11,7 @@ def _isolated(tmp_path, monkeypatch):
 
 SPECIALISTS_TINY = ["data.source=digits", "generalist.net.name=mlp", "generalist.net.width=64",
                     "generalist.train.epochs=3", "specialists.train.epochs=3", "specialists.train.augment=none",
-                    "launch.backend=inline"]
+                    "distill_back.train.epochs=2", "launch.backend=inline"]
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,14 @@ from ensemble.config import Config, ConfigError, config_hash, load_config, to_di
 def test_defaults_file_and_overrides_stack(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\ngeneralist:\n  train:\n    epochs: 3\n    lr: 1\n")
-    cfg = load_config(path, ["generalist.train.epochs=7", "data.source=digits", "data.path=/a b"])
+    cfg = load_config(path, ["generalist.train.epochs=7", "data.source=digits", "data.path=/a b",
+                             "specialists.train.lr=5e-4"])
     assert cfg.name == "x"
     assert cfg.generalist.train.epochs == 7  # override beats file
     assert cfg.generalist.train.lr == 1.0 and isinstance(cfg.generalist.train.lr, float)  # int widened
     assert cfg.generalist.train.batch_size == Config().generalist.train.batch_size  # default kept
     assert cfg.data.source == "digits" and cfg.data.path == "/a b"
+    assert cfg.specialists.train.lr == 5e-4  # YAML 1.1 reads 5e-4 as a string
 
 
 @pytest.mark.parametrize("override, message", [
@@ -22,6 +24,7 @@ def test_defaults_file_and_overrides_stack(tmp_path):
     ("generalist.train.epochs=three", "'generalist.train.epochs' must be int, got 'three'"),
     ("generalist.train.epochs=2.5", "'generalist.train.epochs' must be int"),
     ("generalist.train.amp=3", "'generalist.train.amp' must be bool"),
+    ("generalist.train.lr=fast", "'generalist.train.lr' must be float, got 'fast'"),
     ("data.source=mnist", "'data.source' must be one of"),
     ("data=3", "'data' must be a mapping"),
     ("seed", "not of the form key=value"),

@@ -13,7 +13,7 @@ from ensemble.pipeline import STAGES, run_pipeline, state
 from ensemble.rundir import Manifest, load_tensors
 
 TINY = ["data.source=digits", "generalist.net.name=mlp", "generalist.net.width=32", "generalist.train.epochs=2",
-        "specialists.train.epochs=1", "launch.backend=inline"]
+        "specialists.train.epochs=1", "distill_back.train.epochs=1", "launch.backend=inline"]
 
 
 def _cfg(tmp_path, *extra):
@@ -98,6 +98,7 @@ def test_cli_status_and_errors(tmp_path, capsys):
     assert main(["status", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "generalist" in out and "done" in out and "test_top1 0." in out
+    assert "distill_back: test top-1 generalist 0." in out and "student_top1 0." in out
     assert main(["run", "generalist.train.epochz=3"]) == 2
     assert "unknown config key 'generalist.train.epochz' (did you mean 'epochs'?)" in capsys.readouterr().err
     assert main(["run", "data.source=npz", f"data.path={tmp_path}/none.npz", f"runs_dir={tmp_path}"]) == 2

@@ -101,9 +101,12 @@ def test_corrected_dustbin_matches_the_natural_share_and_uncorrected_does_not(tm
     cfg = Config()
     cfg.generalist.net = NetConfig(name="mlp", width=32)
     cfg.specialists.train = TrainConfig(epochs=6, batch_size=64, lr=2e-3, augment="none")
-    data = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test, "num_classes": 10}
+    cfg.specialists.select_on_validation = False
+    data = {"x_train": x, "y_train": y, "x_val": x_test, "y_val": y_test, "x_test": x_test, "y_test": y_test,
+            "num_classes": 10}
     result = train_specialist(Job(0, (1, 4)), None, CheckpointStore(tmp_path / "s"), CPU, gen.state_dict(), data, cfg)
     m = result["metrics"]
+    assert m["kept"] == "trained"
     assert m["natural_share"] == pytest.approx(0.2) and m["dustbin_true_share"] == pytest.approx(0.8)
     assert m["dustbin_shift"] == pytest.approx(math.log(4))
     assert abs(m["dustbin_mean_prob"] - 0.8) < 0.03
@@ -113,3 +116,30 @@ def test_corrected_dustbin_matches_the_natural_share_and_uncorrected_does_not(tm
     spec.load_state_dict(result["state"])
     p_bin = predict_logits(spec, x_test, device=CPU).softmax(1)[:, -1]
     assert p_bin.mean().item() == pytest.approx(m["dustbin_mean_prob"], abs=1e-5)
+
+
+@pytest.mark.parametrize("lr, kept", [(0.0, "start"), (2e-3, "trained")])
+def test_specialist_keeps_its_start_unless_training_beats_it_on_validation(tmp_path, lr, kept):
+    """Untrained (lr 0), the specialist ties its start on validation and returns the start, uncorrected:
+    on its subset it then predicts exactly as the generalist. A weak generalist (1 epoch) leaves room
+    that training fills, and the trained weights are kept."""
+    x, y = _blobs(200)
+    x_val, y_val = _blobs(60, seed=2)
+    x_test, y_test = _blobs(100, seed=1)
+    gen = _trained_generalist(tmp_path, x, y, 10, epochs=1)
+    cfg = Config()
+    cfg.generalist.net = NetConfig(name="mlp", width=32)
+    cfg.specialists.train = TrainConfig(epochs=4, batch_size=64, lr=lr, augment="none")
+    data = {"x_train": x, "y_train": y, "x_val": x_val, "y_val": y_val, "x_test": x_test, "y_test": y_test,
+            "num_classes": 10}
+    subset = torch.tensor([1, 4, 6])
+    m = train_specialist(Job(0, tuple(subset.tolist())), None, CheckpointStore(tmp_path / "s"), CPU,
+                         gen.state_dict(), data, cfg)["metrics"]
+    assert m["kept"] == kept
+    if kept == "start":
+        assert m["val_conditional_top1_trained"] == m["val_conditional_top1_start"] and m["dustbin_shift"] == 0
+        inside = torch.isin(y_test, subset)
+        general = subset[predict_logits(gen, x_test[inside], device=CPU)[:, subset].argmax(1)]
+        assert m["conditional_top1"] == pytest.approx((general == y_test[inside]).float().mean().item(), abs=1e-7)
+    else:
+        assert m["val_conditional_top1_trained"] > m["val_conditional_top1_start"] and m["dustbin_shift"] != 0

@@ -1,0 +1,185 @@
+"""Stage 5, `distill_back`: one student network learns the ensemble's combined distribution q*.
+
+Writes `soft_targets.safetensors` (log q* on the transfer set, computed once and reused by a resumed
+run), the student's `model.safetensors`, `metrics.jsonl` and checkpoint, and `report.json`,
+`report.md` and `distill_back.png`: test top-1 and NLL, the share of the ensemble's gain the student
+keeps, and what each system costs to train and to run. With `distill_back.same_compute_baseline`, a
+generalist trained for as many epochs as the whole pipeline spent (in `baseline/`) joins the table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ensemble.config import Config
+from ensemble.data import Data, load_data
+from ensemble.nets import Net, build_net, load_weights
+from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
+from ensemble.train import fit, predict_logits, resolve_device
+from generalist import train_generalist
+from specialists import Combiner, active_specialists
+from specialists.combiner import load_ensemble
+
+from .cost import multiply_adds, parameters, timed_predictions
+from .loss import check_distillation, distillation_loss
+from .plots import plot_distill_back
+from .transfer import soft_targets, transfer_set
+
+NAME = "distill_back"
+
+
+def run(run_dir: Path, cfg: Config) -> dict:
+    """Soft targets from the ensemble, the student trained on them, and the report."""
+    run_dir = Path(run_dir)
+    out = run_dir / NAME
+    dcfg = cfg.distill_back
+    check(cfg)
+    data = load_data(cfg.data)
+    device = resolve_device(cfg.device)
+    generalist, specialists, subsets = load_ensemble(run_dir, cfg)
+    combiner = Combiner(generalist, specialists, subsets, top_n=cfg.combine.top_n[0], method=cfg.combine.method,
+                        device=device)
+    student = make_student(cfg, data, generalist)
+
+    x, labels = transfer_set(data, dcfg.augmented_copies, cfg.seed)
+    teacher = _cached_soft_targets(out / "soft_targets.safetensors", combiner, x, labels, dcfg.train.eval_batch_size)
+    print(f"distill_back: student {parameters(student):,} parameters ({dcfg.init} start), transfer set "
+          f"{len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, alpha={dcfg.alpha}",
+          flush=True)
+    history = fit(student, x, (teacher, labels), dcfg.train, out, seed=cfg.seed, device=device,
+                  loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
+                                                         alpha=dcfg.alpha),
+                  val=(data.x_val, data.y_val), desc="student")
+    save_tensors(out / "model.safetensors", student.state_dict())
+
+    epochs = _training_epochs(run_dir, history, len(data.x_train))
+    models = {"generalist": (generalist, epochs["generalist"]), "ensemble": (combiner, epochs["ensemble"]),
+              "student": (student, epochs["student"])}
+    if dcfg.same_compute_baseline:
+        budget = math.ceil(epochs["student"])
+        baseline, _ = train_generalist(cfg, data, dataclasses.replace(cfg.generalist.train, epochs=budget),
+                                       out / "baseline", device, "same-compute generalist")
+        models[f"generalist, {budget} epochs (same compute)"] = (baseline, budget)
+    rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
+    summary = _summary(rows)
+    write_json(out / "report.json", {**summary, "systems": rows, "history": history})
+    text = report_markdown(rows, summary)
+    write_text(out / "report.md", text)
+    plot_distill_back(out / "distill_back.png", rows, history,
+                      read_json(run_dir / "generalist" / "metrics.json")["val_top1"])
+    print(text, flush=True)
+    return summary
+
+
+def check(cfg: Config) -> None:
+    """The stage's settings, checked before the pipeline starts any stage."""
+    dcfg = cfg.distill_back
+    check_distillation(dcfg.temperature, dcfg.alpha)
+    if dcfg.augmented_copies < 0:
+        raise ValueError(f"distill_back.augmented_copies must be >= 0, got {dcfg.augmented_copies}")
+    if dcfg.init == "generalist" and (dcfg.net or cfg.generalist.net) != cfg.generalist.net:
+        raise ValueError("distill_back.init=generalist needs the generalist's architecture "
+                         f"(distill_back.net {dcfg.net} is not generalist.net {cfg.generalist.net}): "
+                         "set distill_back.init=scratch")
+
+
+def make_student(cfg: Config, data: Data, generalist: Net) -> Net:
+    """`distill_back.net` (default: the generalist's), from the generalist's weights or afresh."""
+    check(cfg)
+    net_cfg = cfg.distill_back.net or cfg.generalist.net
+    torch.manual_seed(cfg.seed)
+    student = build_net(net_cfg, data.input_shape, data.num_classes)
+    if cfg.distill_back.init == "generalist":
+        load_weights(student, generalist.state_dict(), "the generalist's weights")
+    else:
+        student.set_input_stats(data.x_train)
+    return student
+
+
+def report_markdown(rows: list[dict], summary: dict) -> str:
+    lines = ["| system | test top-1 | test NLL | training epochs | parameters | multiply-adds per example | "
+             "examples/s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['system']} | {r['test_top1']:.2%} | {r['test_nll']:.4f} | {r['train_epochs']:.1f} | "
+              f"{r['parameters']:,} | {r['multiply_adds']:,.0f} | {r['examples_per_s']:,.0f} |" for r in rows]
+    kept = summary["gain_kept"]
+    lines += ["", "the student keeps " + ("n/a (the ensemble did not beat the generalist)" if kept is None
+                                          else f"{kept:.0%}") + " of the ensemble's gain over the generalist "
+              f"({summary['student_top1'] - summary['generalist_top1']:+.2%} of "
+              f"{summary['ensemble_top1'] - summary['generalist_top1']:+.2%} top-1)"]
+    return "\n".join(lines) + "\n"
+
+
+def _cached_soft_targets(path: Path, combiner: Combiner, x: torch.Tensor, labels: torch.Tensor,
+                         batch_size: int) -> torch.Tensor:
+    """log q* on the transfer set, from `path` if an earlier (interrupted) run of this stage wrote it."""
+    if path.is_file():
+        cached = load_tensors(path)
+        if torch.equal(cached["labels"], labels):
+            return cached["log_q"]
+    teacher = soft_targets(combiner, x, batch_size)
+    save_tensors(path, {"log_q": teacher, "labels": labels})
+    return teacher
+
+
+def _training_epochs(run_dir: Path, student_history: list[dict], n_train: int) -> dict[str, float]:
+    """Training examples processed up to each system, in passes over the training set: the ensemble
+    needs the generalist and every specialist, the student the ensemble too."""
+    general = _examples(run_dir / "generalist" / "metrics.jsonl")
+    special = sum(_examples(folder / "metrics.jsonl") for folder in sorted((run_dir / "specialists").glob("m*")))
+    student = sum(r["examples"] for r in student_history)
+    return {"generalist": general / n_train, "ensemble": (general + special) / n_train,
+            "student": (general + special + student) / n_train}
+
+
+def _examples(history: Path) -> int:
+    """The training examples a `metrics.jsonl` records."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    if any("examples" not in r for r in rows):
+        raise ValueError(f"{history} does not count its training examples (an older version wrote it): "
+                         f"rerun that stage")
+    return sum(r["examples"] for r in rows)
+
+
+def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data, cfg: Config,
+              device: torch.device) -> dict:
+    """Test top-1 and NLL, and the inference cost: parameters, multiply-adds per test example on
+    average (the ensemble's: the generalist plus the specialists active for it), examples per second."""
+    batch = cfg.distill_back.train.eval_batch_size
+    if isinstance(model, Combiner):
+        predict = model.predict_proba
+        p_general = predict_logits(model.generalist, data.x_test, device=device, batch_size=batch).softmax(dim=1)
+        share = active_specialists(p_general, model.subsets, model.top_n).double().mean(dim=1)  # (M,)
+        nets = [model.generalist, *model.specialists]
+        weights = [1.0, *share.tolist()]
+    else:
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return predict_logits(model, x, device=device, batch_size=batch).softmax(dim=1)
+        nets, weights = [model], [1.0]
+    probs, rate = timed_predictions(predict, data.x_test, batch)
+    probs, y = probs.double().cpu(), data.y_test
+    return {
+        "system": name,
+        "test_top1": (probs.argmax(dim=1) == y).double().mean().item(),
+        "test_nll": -probs[torch.arange(len(y)), y].clamp_min(torch.finfo(torch.float32).tiny).log().mean().item(),
+        "train_epochs": train_epochs,
+        "parameters": sum(parameters(net) for net in nets),
+        "multiply_adds": sum(w * multiply_adds(net, data.input_shape) for net, w in zip(nets, weights)),
+        "examples_per_s": rate,
+    }
+
+
+def _summary(rows: list[dict]) -> dict:
+    """The headline numbers; gain_kept = (student - generalist) / (ensemble - generalist) in test top-1,
+    None when the ensemble did not beat the generalist."""
+    top1 = {r["system"]: r["test_top1"] for r in rows}
+    gain = top1["ensemble"] - top1["generalist"]
+    summary = {"generalist_top1": top1["generalist"], "ensemble_top1": top1["ensemble"],
+               "student_top1": top1["student"],
+               "gain_kept": (top1["student"] - top1["generalist"]) / gain if gain > 0 else None}
+    if len(rows) > 3:
+        summary["same_compute_top1"] = rows[3]["test_top1"]
+    return summary

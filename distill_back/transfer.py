@@ -1,0 +1,33 @@
+"""The transfer set and its soft targets: the combiner's q* for every input, computed once."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ensemble.data import Data
+from ensemble.train import augment
+from specialists import Combiner
+
+from .loss import UNLABELLED
+
+
+def transfer_set(data: Data, copies: int, seed: int, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images and labels: the training set, then `copies` passes over it under random affine maps
+    (rotation, scale, shear, shift), labelled UNLABELLED: soft targets need no labels."""
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = [data.x_train], [data.y_train]
+    for _ in range(copies):
+        for start in range(0, len(data.x_train), batch_size):
+            x = data.x_train[start:start + batch_size].float().div_(255)
+            images.append(augment(x, "affine", gen).mul_(255).round_().clamp_(0, 255).to(torch.uint8))
+        labels.append(torch.full_like(data.y_train, UNLABELLED))
+    return torch.cat(images), torch.cat(labels)
+
+
+def soft_targets(combiner: Combiner, x: torch.Tensor, batch_size: int, desc: str = "soft targets") -> torch.Tensor:
+    """log q* (N, C) in float32 for uint8 images `x`, batch by batch (q* clamped at float32's tiny)."""
+    out = []
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
+        q = combiner.predict_proba(x[start:start + batch_size]).float()
+        out.append(q.clamp_min_(torch.finfo(torch.float32).tiny).log_().cpu())
+    return torch.cat(out)

@@ -1,0 +1,96 @@
+"""The distill_back stage on a tiny run: soft targets, the student, the report, resuming, bad input."""
+import json
+
+import pytest
+import torch
+from conftest import SPECIALISTS_TINY, specialists_run
+
+import distill_back.stage
+from ensemble.config import load_config
+from ensemble.data import load_data
+from ensemble.pipeline import run_pipeline
+from ensemble.rundir import load_tensors
+from specialists import Combiner
+
+OPTIONS = ["distill_back.augmented_copies=1", "distill_back.same_compute_baseline=true", "distill_back.temperature=3"]
+
+
+def _cfg(tmp_path, *overrides, name="r"):
+    return load_config(None, [*SPECIALISTS_TINY, f"runs_dir={tmp_path}", f"name={name}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def distilled(upstream, tmp_path_factory):
+    cfg = specialists_run(upstream, tmp_path_factory.mktemp("distilled"), *OPTIONS)
+    run_pipeline(cfg)
+    return cfg
+
+
+def test_soft_targets_are_the_combiners_log_q_on_the_transfer_set(distilled):
+    data = load_data(distilled.data)
+    cached = load_tensors(distilled.run_dir / "distill_back" / "soft_targets.safetensors")
+    n = len(data.x_train)
+    assert cached["log_q"].shape == (2 * n, data.num_classes)  # the training set and one augmented copy
+    assert torch.equal(cached["labels"][:n], data.y_train) and (cached["labels"][n:] == -1).all()
+    q = Combiner.from_run(distilled.run_dir).predict_proba(data.x_train[:200])
+    torch.testing.assert_close(cached["log_q"][:200].exp(), q, atol=1e-5, rtol=0)
+    assert not torch.equal(cached["log_q"][n:n + 200], cached["log_q"][:200])  # other inputs, other targets
+
+
+def test_report_counts_compute_and_the_baseline_gets_it(distilled):
+    report = json.loads((distilled.run_dir / "distill_back" / "report.json").read_text())
+    rows = {r["system"]: r for r in report["systems"]}
+    data = load_data(distilled.data)
+    run = distilled.run_dir
+
+    def examples(path):
+        return sum(json.loads(line)["examples"] for line in path.read_text().splitlines())
+
+    general = examples(run / "generalist" / "metrics.jsonl")
+    special = sum(examples(run / "specialists" / f"m{m:03d}" / "metrics.jsonl") for m in range(3))
+    student = examples(run / "distill_back" / "metrics.jsonl")
+    assert student == 2 * (2 * len(data.x_train) // 128 * 128)  # 2 epochs over the doubled transfer set
+    assert rows["generalist"]["train_epochs"] == pytest.approx(general / len(data.x_train))
+    assert rows["student"]["train_epochs"] == pytest.approx((general + special + student) / len(data.x_train))
+    budget = -(-(general + special + student) // len(data.x_train))
+    baseline = rows[f"generalist, {budget} epochs (same compute)"]
+    assert len((run / "distill_back" / "baseline" / "metrics.jsonl").read_text().splitlines()) == budget
+    assert rows["student"]["parameters"] == rows["generalist"]["parameters"] == baseline["parameters"]
+    assert rows["ensemble"]["parameters"] > 3 * rows["generalist"]["parameters"]
+    assert rows["student"]["multiply_adds"] == rows["generalist"]["multiply_adds"] < rows["ensemble"]["multiply_adds"]
+    combine = json.loads((run / "combine" / "eval.json").read_text())
+    assert rows["ensemble"]["test_top1"] == pytest.approx(combine["ensemble_top1"], abs=1.5 / len(data.y_test))
+    gain = report["ensemble_top1"] - report["generalist_top1"]
+    expected = (report["student_top1"] - report["generalist_top1"]) / gain if gain > 0 else None
+    assert report["gain_kept"] == (pytest.approx(expected) if expected is not None else None)
+    assert (run / "distill_back" / "distill_back.png").stat().st_size > 0
+
+
+def test_rerun_of_an_interrupted_stage_reuses_the_soft_targets(distilled, tmp_path, monkeypatch):
+    import shutil
+    shutil.copytree(distilled.run_dir, tmp_path / "r")
+    cfg = _cfg(tmp_path, *OPTIONS)
+    stage = tmp_path / "r" / "distill_back"
+    (stage / "report.json").unlink()  # as if killed after the soft targets were written
+    monkeypatch.setattr(distill_back.stage, "soft_targets", lambda *a, **k: pytest.fail("recomputed"))
+    run_pipeline(cfg)
+    assert (stage / "report.json").is_file()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill_back.temperature=0", "temperature must be > 0"),
+    ("distill_back.alpha=1.5", r"alpha .* must be in \[0, 1\]"),
+    ("distill_back.augmented_copies=-1", "augmented_copies must be >= 0"),
+    ("distill_back.net={name: mlp, width: 16}", "init=generalist needs the generalist's architecture"),
+])
+def test_bad_settings_fail_before_any_stage_runs_and_lose_nothing(distilled, tmp_path, override, message):
+    """Even with every stage before it still to run, and with the stage's earlier outputs in place."""
+    import shutil
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(_cfg(tmp_path, override, name="fresh"))
+    assert not (tmp_path / "fresh" / "generalist").exists()
+    shutil.copytree(distilled.run_dir, tmp_path / "r")
+    before = sorted(p.name for p in (tmp_path / "r" / "distill_back").iterdir())
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(_cfg(tmp_path, *OPTIONS, override))
+    assert sorted(p.name for p in (tmp_path / "r" / "distill_back").iterdir()) == before
