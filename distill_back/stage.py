@@ -59,13 +59,16 @@ def run(run_dir: Path, cfg: Config) -> dict:
     epochs = _training_epochs(run_dir, history, len(data.x_train))
     models = {"generalist": (generalist, epochs["generalist"]), "ensemble": (combiner, epochs["ensemble"]),
               "student": (student, epochs["student"])}
+    seconds = {"student_train_seconds": _seconds(history)}
     if dcfg.same_compute_baseline:
         budget = math.ceil(epochs["student"])
-        baseline, _ = train_generalist(cfg, data, dataclasses.replace(cfg.generalist.train, epochs=budget),
-                                       out / "baseline", device, "same-compute generalist")
+        baseline, baseline_history = train_generalist(
+            cfg, data, dataclasses.replace(cfg.generalist.train, epochs=budget), out / "baseline", device,
+            "same-compute generalist")
         models[f"generalist, {budget} epochs (same compute)"] = (baseline, budget)
+        seconds["baseline_train_seconds"] = _seconds(baseline_history)
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
-    summary = _summary(rows)
+    summary = {**_summary(rows), **seconds}
     write_json(out / "report.json", {**summary, "systems": rows, "history": history})
     text = report_markdown(rows, summary)
     write_text(out / "report.md", text)
@@ -88,8 +91,8 @@ def check(cfg: Config) -> None:
 
 
 def make_student(cfg: Config, data: Data, generalist: Net) -> Net:
-    """`distill_back.net` (default: the generalist's), from the generalist's weights or afresh."""
-    check(cfg)
+    """`distill_back.net` (default: the generalist's), from the generalist's weights or afresh (`check`
+    has passed)."""
     net_cfg = cfg.distill_back.net or cfg.generalist.net
     torch.manual_seed(cfg.seed)
     student = build_net(net_cfg, data.input_shape, data.num_classes)
@@ -133,6 +136,10 @@ def _training_epochs(run_dir: Path, student_history: list[dict], n_train: int) -
     student = sum(r["examples"] for r in student_history)
     return {"generalist": general / n_train, "ensemble": (general + special) / n_train,
             "student": (general + special + student) / n_train}
+
+
+def _seconds(history: list[dict]) -> float:
+    return round(sum(r["seconds"] for r in history), 2)
 
 
 def _examples(history: Path) -> int:

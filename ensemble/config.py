@@ -128,7 +128,8 @@ class DistillBackConfig:
     temperature: float = 2.0
     alpha: float = 0.9  # the soft term's weight; 1 - alpha goes to the hard labels
     augmented_copies: int = 0  # more transfer inputs, unlabelled: the training images under random affine maps
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=5e-4, warmup_epochs=0.2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=5e-4, warmup_epochs=0.2,
+                                                                   augment="none"))  # q* is of the clean images
     same_compute_baseline: bool = False  # also train a generalist for as many epochs as the whole pipeline spent
 
 

@@ -122,7 +122,7 @@ def fit(
         if on_epoch is not None:
             on_epoch(history)
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(
-            f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
+            f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), flush=True)
     return history
 
 

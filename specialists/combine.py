@@ -12,12 +12,14 @@ Up to the constant Σ p log p of the inputs, f(q) = -Σ_c k_c log q_c - Σ_{m∈
 k_c = p^g_c + Σ_{m∈A, c∈S_m} p^m_c: the log-likelihood of partly aggregated observations, convex in q,
 and strictly so because p^g > 0 wherever it matters. Two solvers:
 
-- `"fixed_point"`: the EM update, monotone and free of step sizes, started at q = p^g:
+- `"fixed_point"`: the EM update F, monotone and free of step sizes, started at q = p^g:
 
       q_c ← [ k_c + q_c · Σ_{m∈A, c∉S_m} p^m_⊥ / Q_m ] / (1 + |A|).
 
   One iteration costs O(B·(C + Σ_m |S_m|)): Σ_{m∌c} = Σ_m - Σ_{m∋c}, a per-example sum minus a
-  scatter over the subsets' concatenated index lists; no B×M×C tensor is ever formed.
+  scatter over the subsets' concatenated index lists; no B×M×C tensor is ever formed. With several
+  active specialists EM can converge linearly at a rate near 1, so after a few plain steps the solver
+  extrapolates along EM's path with SQUAREM (Varadhan & Roland 2008), guarded so that f never rises.
 - `"gradient"`: the paper's gradient descent on logits z, q = softmax(z), started at z = log p^g, the
   gradient from autograd; it equals (1 + |A|)·(q - EM(q)), so both solvers stop at the same point. The
   optimiser is Adam with a per-example learning rate halved on plateaus: plain descent's step is
@@ -45,6 +47,8 @@ METHODS = ("fixed_point", "gradient")
 SUM_TOLERANCE = 1e-3  # rows of probabilities must sum to 1 within this: catches logits and log-probs
 ADAM_RATE, ADAM_BETAS, PATIENCE = 0.1, (0.9, 0.999), 20  # the gradient method's optimiser
 MIN_GAIN = 1e-12  # a relative decrease of the objective smaller than this (or 16 eps) is no progress
+PLAIN_STEPS = 10  # fixed_point's first iterations are plain EM steps: see _fixed_point
+MAX_HALVINGS = 20  # SQUAREM halves an infeasible extrapolation this often, then takes the plain double step
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,12 @@ def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequ
     subsets[m]: the class ids S_m (a sequence or 1-D integer tensor); subsets may overlap.
     top_n: specialist m is active for example b iff S_m holds one of p^g_b's top_n classes; None: all are.
     method: "fixed_point" (EM) or "gradient" (Adam on logits, the slow reference).
-    tol: fixed_point stops an example when its max |Δq| < tol (default: the dtype's eps, at least
-        1e-10; EM can crawl, so q's error may be many times its last step); gradient
+    tol: fixed_point stops an example when one plain EM step moves it by max |Δq| < tol (default: the
+        dtype's eps, at least 1e-10; EM can crawl, so q's error may be many times that step); gradient
         when every example's learning rate, halved each time its objective stalls, is below tol
         (in logit units; default 1e-6).
-    max_iter: at most this many iterations; reaching it with tol > 0 unmet gives a RuntimeWarning
+    max_iter: at most this many iterations (fixed_point: evaluations of the EM update, three per
+        SQUAREM cycle; gradient: Adam steps); reaching it with tol > 0 unmet gives a RuntimeWarning
         (tol=0 runs exactly max_iter iterations).
     Examples with no active specialist get q = p^g exactly.
     """
@@ -102,21 +107,42 @@ def objective(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Se
 
 
 def _fixed_point(problem: _Problem, tol: float, max_iter: int) -> Tensor:
-    """EM from q = p^g, each example until its own max |Δq| < tol.
+    """EM from q = p^g accelerated by SQUAREM, each example until one of its plain EM steps moves it
+    by max |Δq| < tol. One iteration is one evaluation of the EM update F.
+
+    The first PLAIN_STEPS iterations are plain steps q ← F(q) (up to max_iter = PLAIN_STEPS + 2, the
+    result is plain EM's): one solves an example with at most one active specialist exactly (with
+    top_n=1, most of them), and examples that converge fast stop there at one evaluation a step,
+    without SQUAREM's objective checks. Then each cycle of three iterations is one SQUAREM step
+    (Varadhan & Roland 2008, scheme S3), per example:
+
+        q1 = F(q), q2 = F(q1), r = q1 - q, v = q2 - 2·q1 + q, β = min(max(1, ‖r‖/‖v‖), β_max),
+        q' = q + 2β·r + β²·v = q2 + (β - 1)²·(q - q1) - (β² - 1)·(q1 - q2),
+        q ← F(q') if f(F(q')) ≤ f(q2), else q2.
+
+    β = 1 (q' = q2) is two plain steps; where q' has an entry ≤ 0 or not finite that q2 has not, β - 1
+    is halved (after MAX_HALVINGS, set to 0). The bound β_max starts at 1 and, as in the authors'
+    SQUAREM software (step.max0 = 1, mstep = 4), is multiplied by 4 when a step at the bound is
+    accepted and divided by 4 (down to 1) when one is rejected: along a slow, curved EM path a long
+    extrapolation overshoots, and without the bound SQUAREM would keep proposing it. Every iterate is
+    thus an EM image and f never increases from one iterate (q, q1, q2, the next q) to the next: a
+    max_iter ending inside a cycle returns q1 or q2. The stopping test is on the plain steps q → q1 and
+    q1 → q2.
 
     Once a quarter of the examples still iterating have converged, the rest move to smaller
-    buffers, so later iterations cost only what still moves: one iteration solves an example with at
-    most one active specialist exactly (with top_n=1, most of them). The buffers are preallocated:
-    a fresh (C, B) tensor costs more than the arithmetic on it."""
+    buffers, so later iterations cost only what still moves. The buffers are preallocated: a fresh
+    (C, B) tensor costs more than the arithmetic on it."""
     scale = 1 / (1 + problem.num_active)
     k, dustbin = problem.k * scale, problem.dustbin * scale
     q, result = problem.general.clone(), None
     todo = torch.arange(q.shape[1], device=q.device)  # the examples still iterating, columns of q
-    new, entries = torch.empty_like(q), q.new_empty(len(problem.index), q.shape[1])
-    for _ in range(max_iter):
-        _em_step(problem, q, k, dustbin, new, entries)
-        moving = q.abs_().amax(dim=0) >= tol  # q holds q - new
-        q, new = new, q
+    step_max = torch.ones_like(scale)  # SQUAREM's β_max per example
+    spare, entries = [torch.empty_like(q) for _ in range(3)], q.new_empty(len(problem.index), q.shape[1])
+    iterations = 0
+    while iterations < max_iter:
+        length = 1 if iterations < PLAIN_STEPS else min(3, max_iter - iterations)
+        q, spare, step_max, moving = _cycle(problem, k, dustbin, q, spare, entries, step_max, tol, length)
+        iterations += length
         still = int(moving.sum())
         if still == 0:
             break
@@ -124,11 +150,66 @@ def _fixed_point(problem: _Problem, tol: float, max_iter: int) -> Tensor:
             result = q.new_empty(problem.general.shape) if result is None else result
             result.index_copy_(1, todo, q)
             keep = moving.nonzero().squeeze(1)
-            todo, q, k, dustbin = todo[keep], q[:, keep], k[:, keep], dustbin[:, keep]
-            new, entries = torch.empty_like(q), q.new_empty(len(problem.index), still)
+            todo, q, k, dustbin, step_max = (x[..., keep] for x in (todo, q, k, dustbin, step_max))
+            spare, entries = [torch.empty_like(q) for _ in range(3)], q.new_empty(len(problem.index), still)
     else:
         _warn_unconverged("fixed_point", max_iter, tol)
     return q if result is None else result.index_copy_(1, todo, q)
+
+
+def _cycle(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, spare: list[Tensor], entries: Tensor,
+           step_max: Tensor, tol: float, length: int) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+    """`length` iterations from q (see _fixed_point): 1 or 2 plain EM steps, or a SQUAREM cycle of 3;
+    fewer once no example moves by tol. Returns the new iterate, the three buffers now spare (q's
+    among them), the new β_max and which examples moved by at least tol at every plain step."""
+    q1, q2, extrapolated = spare
+    _em_step(problem, q, k, dustbin, q1, entries)  # q holds q - q1 = -r
+    moving = _max_abs(q) >= tol
+    if length == 1 or not moving.any():
+        return q1, [q, q2, extrapolated], step_max, moving
+    _em_step(problem, q1, k, dustbin, q2, entries)  # q1 holds q1 - q2
+    moving &= _max_abs(q1) >= tol
+    if length == 2 or not moving.any():
+        return q2, [q, q1, extrapolated], step_max, moving
+    v = torch.sub(q, q1, out=extrapolated)  # q - 2·q1 + q2
+    ratio = ((q * q).sum(0) / (v * v).sum(0)).sqrt_()  # ‖r‖/‖v‖
+    at_max = ratio >= step_max  # ‖v‖ = 0 gives inf (at the bound) or, with r = 0 too, NaN (β = 1)
+    beta = torch.minimum(ratio.nan_to_num(1.0), step_max).clamp_min(1)
+    _extrapolate(q2, q, q1, beta - 1, extrapolated)
+    _em_step(problem, extrapolated, k, dustbin, q, entries)  # q holds F(q')
+    accepted = _gain(problem, k, dustbin, q2, q, entries) >= 0
+    step_max = torch.where(at_max, torch.where(accepted, 4 * step_max, (step_max / 4).clamp_min(1)), step_max)
+    return torch.where(accepted, q, q2, out=q), [q1, q2, extrapolated], step_max, moving
+
+
+def _extrapolate(q2: Tensor, back: Tensor, step: Tensor, gamma: Tensor, out: Tensor) -> Tensor:
+    """SQUAREM's q' = q2 + γ²·back - γ(γ + 2)·step into `out`, with back = q - q1, step = q1 - q2 and
+    γ = β - 1 ≥ 0 per example, γ halved where q' has an entry that is not finite, or ≤ 0 unlike q2's;
+    after MAX_HALVINGS halvings γ = 0, so q' = q2 exactly."""
+    for halvings in range(MAX_HALVINGS + 2):
+        torch.addcmul(q2, back, gamma * gamma, out=out).addcmul_(step, -gamma * (gamma + 2))
+        bad = ~(((out > 0) | (out == q2)).all(0) & out.sum(0).isfinite())
+        if not bad.any():
+            break
+        gamma = torch.where(bad, gamma / 2 if halvings < MAX_HALVINGS else 0, gamma)
+    return out
+
+
+def _max_abs(x: Tensor) -> Tensor:
+    """(B,) max_c |x_c| per example, from two reductions (no (C, B) temporary)."""
+    return torch.maximum(x.amax(0), x.amin(0).neg_())
+
+
+def _gain(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, new: Tensor, entries: Tensor) -> Tensor:
+    """(B,) (f(q) - f(new)) / (1 + |A|), with k and p^m_⊥ divided by 1 + |A| as in _fixed_point:
+    Σ_c k_c log(new_c/q_c) + Σ_m p^m_⊥ log(Q_m(new)/Q_m(q)), each log ratio the log1p of a relative
+    change. Near the minimum f(q) and f(new) agree to within their rounding, and their difference
+    would be noise; this sum keeps the sign of the change (NaN, so never ≥ 0, should rounding put a
+    relative change below -1)."""
+    change = new - q
+    outside_change = change.sum(0) - _inside_mass(problem, change, entries)
+    inside = change.div_(q.clamp_min(torch.finfo(q.dtype).tiny)).log1p_().mul_(k).sum(0)
+    return inside + (dustbin * torch.log1p(outside_change / _outside_mass(problem, q, entries))).sum(0)
 
 
 def _em_step(problem: _Problem, q: Tensor, k: Tensor, dustbin: Tensor, new: Tensor, entries: Tensor) -> None:
@@ -211,9 +292,13 @@ def _outside_mass(problem: _Problem, q: Tensor, entries: Tensor | None = None) -
     """(M, B) Q_m = Σ_c q_c - Σ_{c∈S_m} q_c, the mass of q outside each subset, at least the dtype's
     tiny (Σ_c q_c rather than 1 keeps EM's update summing to exactly what it started from).
     `entries`: an optional (L, B) buffer for q gathered at the subsets' entries."""
-    entries = torch.index_select(q, 0, problem.index, out=entries)
-    inside = q.new_zeros(len(problem.dustbin), q.shape[1]).index_add_(0, problem.owner, entries)
-    return (q.sum(0) - inside).clamp_min_(torch.finfo(q.dtype).tiny)
+    return (q.sum(0) - _inside_mass(problem, q, entries)).clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _inside_mass(problem: _Problem, x: Tensor, entries: Tensor | None = None) -> Tensor:
+    """(M, B) Σ_{c∈S_m} x_c, gathering x at the subsets' entries into `entries` ((L, B)) if given."""
+    entries = torch.index_select(x, 0, problem.index, out=entries)
+    return x.new_zeros(len(problem.dustbin), x.shape[1]).index_add_(0, problem.owner, entries)
 
 
 def _safe_log(x: Tensor) -> Tensor:

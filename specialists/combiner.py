@@ -49,19 +49,23 @@ class Combiner:
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """q (N, C) for images `x`: uint8 (N, C, H, W), or floats in [0, 1]."""
+        """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1].
+
+        The nets run in float32; their softmax and the combiner in float64: where the generalist puts
+        all but ~1e-7 of its mass inside a subset, float32 cannot hold the mass outside it, which the
+        combiner divides by."""
         x = x.to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        p_general = self.generalist(x).softmax(dim=1)
+        p_general = self.generalist(x).double().softmax(dim=1)
         active = active_specialists(p_general, self.subsets, self.top_n)  # (M, N) bool
         probs = []
         for net, subset, needed in zip(self.specialists, self.subsets, active):
             p = collapse(p_general, subset)  # stands in where the specialist is not active: ignored
             rows = needed.nonzero()[:, 0]
             if len(rows):
-                p[rows] = net(x[rows]).softmax(dim=1)
+                p[rows] = net(x[rows]).double().softmax(dim=1)
             probs.append(p)
-        return combine(p_general, probs, self.subsets, top_n=self.top_n, method=self.method)
+        return combine(p_general, probs, self.subsets, top_n=self.top_n, method=self.method).float()
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The most probable class of each image under q."""
