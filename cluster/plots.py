@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from ensemble.rundir import atomic_path
+from ensemble.rundir import save_png
 
 
 def plot_matrix(path: Path, matrix: np.ndarray, assignment: np.ndarray, title: str) -> None:
@@ -32,7 +32,7 @@ def plot_matrix(path: Path, matrix: np.ndarray, assignment: np.ndarray, title: s
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("class (ordered by subset)")
     ax.set_ylabel("class (ordered by subset)")
-    _save(fig, path)
+    save_png(fig, path, dpi=120)
 
 
 def plot_coverage(path: Path, counts: np.ndarray, sizes: list[int]) -> None:
@@ -50,10 +50,5 @@ def plot_coverage(path: Path, counts: np.ndarray, sizes: list[int]) -> None:
     right.set_xlabel("subset (largest first)")
     right.set_ylabel("classes")
     right.set_title(f"{len(sizes)} subsets, sizes {min(sizes)} to {max(sizes)}", fontsize=10)
-    fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path, dpi=120)
 
-
-def _save(fig: Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)

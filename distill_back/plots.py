@@ -5,7 +5,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ensemble.rundir import atomic_path
+from ensemble.rundir import save_png
 
 
 def plot_distill_back(path: Path, rows: list[dict], history: list[dict], generalist_val_top1: float) -> None:
@@ -26,6 +26,4 @@ def plot_distill_back(path: Path, rows: list[dict], history: list[dict], general
     curve.set_xlabel("student epoch")
     curve.set_ylabel("validation top-1")
     curve.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)

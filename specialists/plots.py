@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ensemble.rundir import atomic_path
+from ensemble.rundir import save_png
 
 
 def plot_specialists(path: Path, rows: list[dict]) -> None:
@@ -33,9 +33,7 @@ def plot_specialists(path: Path, rows: list[dict]) -> None:
     timeline.set_yticks(range(len(workers)), [f"{h} pid {p}" for h, p in workers], fontsize=7)
     timeline.set_xlabel("seconds since the first specialist started (last attempt of each)")
     timeline.set_title("training timeline per worker")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
 
 
 def plot_table4(path: Path, table4: dict[str, list[dict]]) -> None:
@@ -59,6 +57,4 @@ def plot_table4(path: Path, table4: dict[str, list[dict]]) -> None:
     ax.set_ylabel("relative change in correct top-1 (%)")
     ax.set_title("Table 4: where the specialists change the generalist's answers")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
