@@ -1,7 +1,8 @@
 """Stage 5, `distill_back`: one student network learns the ensemble's combined distribution q*.
 
 Writes `soft_targets.safetensors` (log q* on the transfer set, computed once and reused by a resumed
-run), the student's `model.safetensors`, `metrics.jsonl` and checkpoint, and `report.json`,
+run; with `distill_back.teacher=generalist` the generalist's log-probabilities instead: self-distillation,
+the control), the student's `model.safetensors`, `metrics.jsonl` and checkpoint, and `report.json`,
 `report.md` and `distill_back.png`: test top-1 and NLL, the share of the ensemble's gain the student
 keeps, and what each system costs to train and to run. With `distill_back.same_compute_baseline`, a
 generalist trained for as many epochs as the whole pipeline spent (in `baseline/`) joins the table.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,17 +48,23 @@ def run(run_dir: Path, cfg: Config) -> dict:
     student = make_student(cfg, data, generalist)
 
     x, labels = transfer_set(data, dcfg.augmented_copies, cfg.seed)
-    teacher = _cached_soft_targets(out / "soft_targets.safetensors", combiner, x, labels, dcfg.train.eval_batch_size)
-    print(f"distill_back: student {parameters(student):,} parameters ({dcfg.init} start), transfer set "
-          f"{len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, alpha={dcfg.alpha}",
-          flush=True)
+    batch = dcfg.train.eval_batch_size
+    if dcfg.teacher == "ensemble":
+        predict_proba = combiner.predict_proba
+    else:  # self-distillation: the control that tells the ensemble's knowledge from distillation itself
+        def predict_proba(xb: torch.Tensor) -> torch.Tensor:
+            return predict_logits(generalist, xb, device=device, batch_size=batch).double().softmax(dim=1)
+    teacher = _cached_soft_targets(out / "soft_targets.safetensors", predict_proba, x, labels, batch)
+    print(f"distill_back: student {parameters(student):,} parameters ({dcfg.init} start), teacher {dcfg.teacher}, "
+          f"transfer set {len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, "
+          f"alpha={dcfg.alpha}", flush=True)
     history = fit(student, x, (teacher, labels), dcfg.train, out, seed=cfg.seed, device=device,
                   loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
                                                          alpha=dcfg.alpha),
                   val=(data.x_val, data.y_val), desc="student")
     save_tensors(out / "model.safetensors", student.state_dict())
 
-    epochs = _training_epochs(run_dir, history, len(data.x_train))
+    epochs = _training_epochs(run_dir, history, len(data.x_train), dcfg.teacher)
     models = {"generalist": (generalist, epochs["generalist"]), "ensemble": (combiner, epochs["ensemble"]),
               "student": (student, epochs["student"])}
     seconds = {"student_train_seconds": _seconds(history)}
@@ -68,7 +76,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
         models[f"generalist, {budget} epochs (same compute)"] = (baseline, budget)
         seconds["baseline_train_seconds"] = _seconds(baseline_history)
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
-    summary = {**_summary(rows), **seconds}
+    summary = {**_summary(rows), "teacher": dcfg.teacher, **seconds}
     write_json(out / "report.json", {**summary, "systems": rows, "history": history})
     text = report_markdown(rows, summary)
     write_text(out / "report.md", text)
@@ -109,33 +117,36 @@ def report_markdown(rows: list[dict], summary: dict) -> str:
     lines += [f"| {r['system']} | {r['test_top1']:.2%} | {r['test_nll']:.4f} | {r['train_epochs']:.1f} | "
               f"{r['parameters']:,} | {r['multiply_adds']:,.0f} | {r['examples_per_s']:,.0f} |" for r in rows]
     kept = summary["gain_kept"]
-    lines += ["", "the student keeps " + ("n/a (the ensemble did not beat the generalist)" if kept is None
+    teacher = "" if summary["teacher"] == "ensemble" else " (taught by the generalist: self-distillation)"
+    lines += ["", f"the student{teacher} keeps " + ("n/a (the ensemble did not beat the generalist)" if kept is None
                                           else f"{kept:.0%}") + " of the ensemble's gain over the generalist "
               f"({summary['student_top1'] - summary['generalist_top1']:+.2%} of "
               f"{summary['ensemble_top1'] - summary['generalist_top1']:+.2%} top-1)"]
     return "\n".join(lines) + "\n"
 
 
-def _cached_soft_targets(path: Path, combiner: Combiner, x: torch.Tensor, labels: torch.Tensor,
-                         batch_size: int) -> torch.Tensor:
-    """log q* on the transfer set, from `path` if an earlier (interrupted) run of this stage wrote it."""
+def _cached_soft_targets(path: Path, predict_proba: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                         labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The teacher's log q on the transfer set, from `path` if an earlier (interrupted) run of this stage
+    wrote it."""
     if path.is_file():
         cached = load_tensors(path)
         if torch.equal(cached["labels"], labels):
             return cached["log_q"]
-    teacher = soft_targets(combiner, x, batch_size)
+    teacher = soft_targets(predict_proba, x, batch_size)
     save_tensors(path, {"log_q": teacher, "labels": labels})
     return teacher
 
 
-def _training_epochs(run_dir: Path, student_history: list[dict], n_train: int) -> dict[str, float]:
+def _training_epochs(run_dir: Path, student_history: list[dict], n_train: int, teacher: str) -> dict[str, float]:
     """Training examples processed up to each system, in passes over the training set: the ensemble
-    needs the generalist and every specialist, the student the ensemble too."""
+    needs the generalist and every specialist, the student its teacher too."""
     general = _examples(run_dir / "generalist" / "metrics.jsonl")
     special = sum(_examples(folder / "metrics.jsonl") for folder in sorted((run_dir / "specialists").glob("m*")))
     student = sum(r["examples"] for r in student_history)
+    teacher_examples = general + special if teacher == "ensemble" else general
     return {"generalist": general / n_train, "ensemble": (general + special) / n_train,
-            "student": (general + special + student) / n_train}
+            "student": (teacher_examples + student) / n_train}
 
 
 def _seconds(history: list[dict]) -> float:

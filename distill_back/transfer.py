@@ -1,12 +1,13 @@
-"""The transfer set and its soft targets: the combiner's q* for every input, computed once."""
+"""The transfer set and its soft targets: the teacher's log-probabilities for every input, computed once."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ensemble.data import Data
 from ensemble.train import augment
-from specialists import Combiner
 
 from .loss import UNLABELLED
 
@@ -24,10 +25,12 @@ def transfer_set(data: Data, copies: int, seed: int, batch_size: int = 4096) -> 
     return torch.cat(images), torch.cat(labels)
 
 
-def soft_targets(combiner: Combiner, x: torch.Tensor, batch_size: int, desc: str = "soft targets") -> torch.Tensor:
-    """log q* (N, C) in float32 for uint8 images `x`, batch by batch (q* clamped at float32's tiny)."""
+def soft_targets(predict_proba: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+                 desc: str = "soft targets") -> torch.Tensor:
+    """The teacher's log-probabilities (N, C) in float32 for uint8 images `x`, batch by batch
+    (probabilities clamped at float32's tiny, so that log q* of the combiner stays finite)."""
     out = []
     for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
-        q = combiner.predict_proba(x[start:start + batch_size]).float()
+        q = predict_proba(x[start:start + batch_size]).float()
         out.append(q.clamp_min_(torch.finfo(torch.float32).tiny).log_().cpu())
     return torch.cat(out)

@@ -18,6 +18,7 @@ examples:
   ensemble run generalist.train.epochs=3 name=quick
   ensemble stage generalist --config configs/emnist.yaml
   ensemble status runs/default
+  ensemble submit --address http://HEAD:8265 --config configs/emnist.yaml   # a job on a Ray cluster
 
 A run lives in <runs_dir>/<name> (default runs/default). Rerunning the same command skips the stages
 that are done and resumes an interrupted one from its last checkpoint; changing a stage's config reruns
@@ -39,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
                              description="Run one stage; the stages it reads from must be done.")
     p_stage.add_argument("name", choices=[s.name for s in STAGES], help="the stage to run")
     _config_args(p_stage)
+    p_submit = sub.add_parser("submit", help="submit the pipeline to a running Ray cluster as a job",
+                              description="Submit `ensemble run` to a running Ray cluster through Ray's Jobs "
+                              "API, with the working directory (and the config file inside it), then follow "
+                              "its logs.")
+    p_submit.add_argument("--address", help="the cluster's dashboard URL (default: $RAY_ADDRESS, else "
+                          "http://127.0.0.1:8265)")
+    p_submit.add_argument("--working-dir", type=Path, default=Path.cwd(),
+                          help="the directory uploaded with the job (default: the current one)")
+    p_submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    _config_args(p_submit)
     p_status = sub.add_parser("status", help="show each stage's state and key metric for a run directory",
                               description="Show each stage's state and key metric for a run directory.")
     p_status.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/default")
@@ -54,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "status":
             return status(args.run_dir)
+        if args.command == "submit":
+            from .submit import submit
+            return submit(args.address, args.config, args.overrides, args.working_dir, wait=not args.no_wait)
         cfg = load_config(args.config, args.overrides)
         summaries = run_pipeline(cfg, only=args.name if args.command == "stage" else None)
         print(f"\nrun directory: {cfg.run_dir}")
@@ -65,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -125,6 +125,7 @@ class DistillBackConfig:
 
     net: NetConfig | None = None  # the student; null: the generalist's architecture
     init: Literal["generalist", "scratch"] = "generalist"  # start from the generalist's weights (same net only)
+    teacher: Literal["ensemble", "generalist"] = "ensemble"  # generalist: self-distillation, the control
     temperature: float = 2.0
     alpha: float = 0.9  # the soft term's weight; 1 - alpha goes to the hard labels
     augmented_copies: int = 0  # more transfer inputs, unlabelled: the training images under random affine maps

@@ -16,8 +16,10 @@ and strictly so because p^g > 0 wherever it matters. Two solvers:
 
       q_c ← [ k_c + q_c · Σ_{m∈A, c∉S_m} p^m_⊥ / Q_m ] / (1 + |A|).
 
-  One iteration costs O(B·(C + Σ_m |S_m|)): Σ_{m∌c} = Σ_m - Σ_{m∋c}, a per-example sum minus a
-  scatter over the subsets' concatenated index lists; no B×M×C tensor is ever formed. With several
+  Classes that lie in the same subsets form a cell; Q_m and Σ_{m∌c} p^m_⊥/Q_m are sums over the
+  K cells of non-negative terms (never Σq - Σ_{S_m} q, which cancels where q puts all but a sliver of
+  its mass inside S_m), so one iteration costs O(B·(C + M·K)) and no B×M×C tensor is ever formed.
+  K is M + 1 for a partition and at most C. With several
   active specialists EM can converge linearly at a rate near 1, so after a few plain steps the solver
   extrapolates along EM's path with SQUAREM (Varadhan & Roland 2008), guarded so that f never rises.
 - `"gradient"`: the paper's gradient descent on logits z, q = softmax(z), started at z = log p^g, the
@@ -60,8 +62,8 @@ class _Problem:
     inside: Tensor  # (L, B) p^m_c at each subset entry where m is active, else 0
     dustbin: Tensor  # (M, B) p^m_⊥ where m is active, else 0: the weight of log Q_m
     num_active: Tensor  # (B,) |A_b|
-    index: Tensor  # (L,) class ids of all subsets, concatenated: L = Σ_m |S_m|
-    owner: Tensor  # (L,) the specialist each entry of `index` belongs to
+    cell: Tensor  # (C,) each class's cell: classes in the same subsets share one
+    outside: Tensor  # (M, K) 1 where cell k lies outside S_m, else 0
 
 
 def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
@@ -137,11 +139,11 @@ def _fixed_point(problem: _Problem, tol: float, max_iter: int) -> Tensor:
     q, result = problem.general.clone(), None
     todo = torch.arange(q.shape[1], device=q.device)  # the examples still iterating, columns of q
     step_max = torch.ones_like(scale)  # SQUAREM's β_max per example
-    spare, entries = [torch.empty_like(q) for _ in range(3)], q.new_empty(len(problem.index), q.shape[1])
+    spare = [torch.empty_like(q) for _ in range(3)]
     iterations = 0
     while iterations < max_iter:
         length = 1 if iterations < PLAIN_STEPS else min(3, max_iter - iterations)
-        q, spare, step_max, moving = _cycle(problem, k, dustbin, q, spare, entries, step_max, tol, length)
+        q, spare, step_max, moving = _cycle(problem, k, dustbin, q, spare, step_max, tol, length)
         iterations += length
         still = int(moving.sum())
         if still == 0:
@@ -151,23 +153,23 @@ def _fixed_point(problem: _Problem, tol: float, max_iter: int) -> Tensor:
             result.index_copy_(1, todo, q)
             keep = moving.nonzero().squeeze(1)
             todo, q, k, dustbin, step_max = (x[..., keep] for x in (todo, q, k, dustbin, step_max))
-            spare, entries = [torch.empty_like(q) for _ in range(3)], q.new_empty(len(problem.index), still)
+            spare = [torch.empty_like(q) for _ in range(3)]
     else:
         _warn_unconverged("fixed_point", max_iter, tol)
     return q if result is None else result.index_copy_(1, todo, q)
 
 
-def _cycle(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, spare: list[Tensor], entries: Tensor,
-           step_max: Tensor, tol: float, length: int) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+def _cycle(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, spare: list[Tensor], step_max: Tensor,
+           tol: float, length: int) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
     """`length` iterations from q (see _fixed_point): 1 or 2 plain EM steps, or a SQUAREM cycle of 3;
     fewer once no example moves by tol. Returns the new iterate, the three buffers now spare (q's
     among them), the new β_max and which examples moved by at least tol at every plain step."""
     q1, q2, extrapolated = spare
-    _em_step(problem, q, k, dustbin, q1, entries)  # q holds q - q1 = -r
+    _em_step(problem, q, k, dustbin, q1)  # q holds q - q1 = -r
     moving = _max_abs(q) >= tol
     if length == 1 or not moving.any():
         return q1, [q, q2, extrapolated], step_max, moving
-    _em_step(problem, q1, k, dustbin, q2, entries)  # q1 holds q1 - q2
+    _em_step(problem, q1, k, dustbin, q2)  # q1 holds q1 - q2
     moving &= _max_abs(q1) >= tol
     if length == 2 or not moving.any():
         return q2, [q, q1, extrapolated], step_max, moving
@@ -176,8 +178,8 @@ def _cycle(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, spare: list
     at_max = ratio >= step_max  # ‖v‖ = 0 gives inf (at the bound) or, with r = 0 too, NaN (β = 1)
     beta = torch.minimum(ratio.nan_to_num(1.0), step_max).clamp_min(1)
     _extrapolate(q2, q, q1, beta - 1, extrapolated)
-    _em_step(problem, extrapolated, k, dustbin, q, entries)  # q holds F(q')
-    accepted = _gain(problem, k, dustbin, q2, q, entries) >= 0
+    _em_step(problem, extrapolated, k, dustbin, q)  # q holds F(q')
+    accepted = _gain(problem, k, dustbin, q2, q) >= 0
     step_max = torch.where(at_max, torch.where(accepted, 4 * step_max, (step_max / 4).clamp_min(1)), step_max)
     return torch.where(accepted, q, q2, out=q), [q1, q2, extrapolated], step_max, moving
 
@@ -200,25 +202,24 @@ def _max_abs(x: Tensor) -> Tensor:
     return torch.maximum(x.amax(0), x.amin(0).neg_())
 
 
-def _gain(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, new: Tensor, entries: Tensor) -> Tensor:
+def _gain(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, new: Tensor) -> Tensor:
     """(B,) (f(q) - f(new)) / (1 + |A|), with k and p^m_⊥ divided by 1 + |A| as in _fixed_point:
     Σ_c k_c log(new_c/q_c) + Σ_m p^m_⊥ log(Q_m(new)/Q_m(q)), each log ratio the log1p of a relative
     change. Near the minimum f(q) and f(new) agree to within their rounding, and their difference
     would be noise; this sum keeps the sign of the change (NaN, so never ≥ 0, should rounding put a
     relative change below -1)."""
     change = new - q
-    outside_change = change.sum(0) - _inside_mass(problem, change, entries)
+    outside_change = problem.outside @ _cell_sums(problem, change)
     inside = change.div_(q.clamp_min(torch.finfo(q.dtype).tiny)).log1p_().mul_(k).sum(0)
-    return inside + (dustbin * torch.log1p(outside_change / _outside_mass(problem, q, entries))).sum(0)
+    return inside + (dustbin * torch.log1p(outside_change / _outside_mass(problem, q))).sum(0)
 
 
-def _em_step(problem: _Problem, q: Tensor, k: Tensor, dustbin: Tensor, new: Tensor, entries: Tensor) -> None:
+def _em_step(problem: _Problem, q: Tensor, k: Tensor, dustbin: Tensor, new: Tensor) -> None:
     """One EM update into `new`, leaving q - new in q: with k and p^m_⊥ already divided by 1 + |A|,
-    new_c = k_c + q_c · Σ_{m∌c} r_m, r_m = p^m_⊥ / Q_m, and Σ_{m∌c} r_m = Σ_m r_m - Σ_{m∋c} r_m: a
-    per-example sum minus one scatter over the subsets' concatenated entries (`entries`: (L, B))."""
-    r = dustbin / _outside_mass(problem, q, entries)
-    torch.index_select(-r, 0, problem.owner, out=entries)
-    new.copy_(r.sum(0).expand_as(new)).index_add_(0, problem.index, entries)
+    new_c = k_c + q_c · Σ_{m∌c} r_m, r_m = p^m_⊥ / Q_m; Σ_{m∌c} r_m is the same for every class of a
+    cell: a (K, B) sum of non-negative terms, gathered to the classes."""
+    r = dustbin / _outside_mass(problem, q)
+    torch.index_select(problem.outside.t() @ r, 0, problem.cell, out=new)
     torch.addcmul(k, q, new, out=new)
     q.sub_(new)
 
@@ -288,17 +289,16 @@ def _objective(problem: _Problem, log_q: Tensor, outside: Tensor) -> Tensor:
     return entropy - (problem.k * log_q).sum(0) - (problem.dustbin * _safe_log(outside)).sum(0)
 
 
-def _outside_mass(problem: _Problem, q: Tensor, entries: Tensor | None = None) -> Tensor:
-    """(M, B) Q_m = Σ_c q_c - Σ_{c∈S_m} q_c, the mass of q outside each subset, at least the dtype's
-    tiny (Σ_c q_c rather than 1 keeps EM's update summing to exactly what it started from).
-    `entries`: an optional (L, B) buffer for q gathered at the subsets' entries."""
-    return (q.sum(0) - _inside_mass(problem, q, entries)).clamp_min_(torch.finfo(q.dtype).tiny)
+def _outside_mass(problem: _Problem, q: Tensor) -> Tensor:
+    """(M, B) Q_m = Σ_{c∉S_m} q_c, the mass of q outside each subset, at least the dtype's tiny: q
+    summed per cell, then over the cells outside S_m. Only non-negative terms are added, so Q_m keeps
+    its relative precision however small it is."""
+    return (problem.outside @ _cell_sums(problem, q)).clamp_min_(torch.finfo(q.dtype).tiny)
 
 
-def _inside_mass(problem: _Problem, x: Tensor, entries: Tensor | None = None) -> Tensor:
-    """(M, B) Σ_{c∈S_m} x_c, gathering x at the subsets' entries into `entries` ((L, B)) if given."""
-    entries = torch.index_select(x, 0, problem.index, out=entries)
-    return x.new_zeros(len(problem.dustbin), x.shape[1]).index_add_(0, problem.owner, entries)
+def _cell_sums(problem: _Problem, x: Tensor) -> Tensor:
+    """(K, B) Σ of x over the classes of each cell."""
+    return x.new_zeros(problem.outside.shape[1], x.shape[1]).index_add_(0, problem.cell, x)
 
 
 def _safe_log(x: Tensor) -> Tensor:
@@ -330,8 +330,20 @@ def _prepare(p_general: Tensor, specialist_probs: Sequence[Tensor],
     inside *= active.index_select(0, owner)
     dustbin = torch.stack([p[:, -1] for p in probs]) * active if probs else p_general.new_zeros(0, num_examples)
     general = p_general.t().contiguous()
+    cell, outside = _cells(index, owner, num_classes, len(ids), p_general)
     return _Problem(general=general, k=general.index_add(0, index, inside), inside=inside, dustbin=dustbin,
-                    num_active=active.sum(0), index=index, owner=owner)
+                    num_active=active.sum(0), cell=cell, outside=outside)
+
+
+def _cells(index: Tensor, owner: Tensor, num_classes: int, num_subsets: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Each class's cell (C,), and the (M, K) matrix, in `like`'s dtype, with 1 where cell k is outside
+    S_m: a cell is the set of classes that lie in exactly the same subsets."""
+    member = torch.zeros(num_classes, num_subsets, dtype=torch.bool, device=like.device)
+    member[index, owner] = True
+    if num_subsets == 0:
+        return torch.zeros(num_classes, dtype=torch.long, device=like.device), like.new_zeros(0, 1)
+    signatures, cell = torch.unique(member, dim=0, return_inverse=True)
+    return cell, (~signatures).t().to(like.dtype).contiguous()
 
 
 def _active(p_general: Tensor, ids: list[Tensor], top_n: int | None) -> Tensor:

@@ -51,9 +51,8 @@ class Combiner:
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1].
 
-        The nets run in float32; their softmax and the combiner in float64: where the generalist puts
-        all but ~1e-7 of its mass inside a subset, float32 cannot hold the mass outside it, which the
-        combiner divides by."""
+        The nets run in float32; their softmaxes and the combiner in float64 (probabilities far below
+        float32's 1e-38 keep their ratios; the combiner costs little beside the nets)."""
         x = x.to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         p_general = self.generalist(x).double().softmax(dim=1)

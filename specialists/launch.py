@@ -59,7 +59,8 @@ def run_tasks(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConf
 @contextmanager
 def ray_session(launch: LaunchConfig) -> Iterator[None]:
     """Use the Ray session already open in this process, or connect to `launch.address` / $RAY_ADDRESS,
-    or start a local Ray cluster on this machine for the duration (the local multi-process mode)."""
+    or start a local Ray cluster on this machine, on loopback only, for the duration (the local
+    multi-process mode)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every task's progress lines (read when ray is imported)
     import ray
 
@@ -70,11 +71,27 @@ def ray_session(launch: LaunchConfig) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        _init_on_loopback()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _init_on_loopback() -> None:
+    """Start a Ray cluster for this machine alone, every server bound to 127.0.0.1, without a dashboard.
+    Ray 2.60 binds its gRPC servers to all interfaces unless its node address is loopback, and picks the
+    machine's address unless its multi-node mode (ray_constants.ENABLE_RAY_CLUSTER, read at each call;
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 at import) is off: off for this call only."""
+    import ray
+    from ray._private import ray_constants
+
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
 def check_resources(nodes: list[dict], num_cpus: float, num_gpus: float) -> None:

@@ -57,7 +57,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     test = load_tensors(run_dir / "generalist" / "predictions.safetensors")
     rows = [_row(job, read_json(out / job.name / "metrics.json"), test["test_probs"], test["test_labels"])
             for job in jobs]
-    summary = _summary(rows)
+    summary = {**_summary(rows), "restarts": launch.get("restarts", {})}
     trained = [r for r in rows if r["specialist"] in {job.name for job in todo}]
     if trained:  # from submission to the first task's start: worker start-up and fetching the inputs
         launch["first_task_latency"] = min(r["started"] for r in trained) - launch["submitted"]
@@ -109,6 +109,7 @@ def _summary(rows: list[dict]) -> dict:
         "specialists_kept_trained": sum(r["kept"] == "trained" for r in rows),
         "dustbin_abs_error": sum(abs(r["dustbin_mean_prob"] - r["dustbin_true_share"]) for r in rows) / len(rows),
         "train_seconds": round(sum(r["train_seconds"] for r in rows), 2),
+        "resumed": [r["specialist"] for r in rows if r["resumed_from_epoch"]],  # from a checkpoint
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -90,10 +91,20 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
         "init_dustbin_kl": init_kl, "epochs": len(history), "resumed_from_epoch": resumed,
         "train_seconds": round(sum(r["seconds"] for r in history[resumed:]), 2),
         "started": started, "finished": time.time(), "device": str(device),
-        "host": socket.gethostname(), "pid": os.getpid(),
+        "host": socket.gethostname(), "node_id": _ray_node_id(), "pid": os.getpid(),
     }
     return {"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "metrics": metrics,
             "history": history}
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this task runs on (hosts can share a name, nodes on one machine share the host),
+    or None outside Ray."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def specialist_metrics(raw_logits: torch.Tensor, shift: float, y_local: torch.Tensor, size: int) -> dict:

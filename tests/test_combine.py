@@ -304,6 +304,25 @@ def test_accelerated_answer_is_plain_em_run_to_convergence():
     torch.testing.assert_close(combine(*case, top_n=None, tol=1e-12), converged, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype, sliver, dustbin", [(torch.float32, 1e-11, 0.3), (torch.float32, 1e-11, 1e-8),
+                                                     (torch.float64, 1e-51, 0.3), (torch.float64, 1e-21, 1e-15)])
+def test_a_sliver_of_mass_outside_a_subset_keeps_its_precision(dtype, sliver, dustbin):
+    """The generalist puts all but 10 slivers inside S = {0..9}: Σq - Σ_S q would be 1 - 1 = 0 (or
+    rounding noise) in this dtype. The closed form (one active specialist): q_c = (p^g_c + p^m_c)/2 on S,
+    q_c = p^g_c·(P_out + p_⊥)/(2·P_out) off S."""
+    f64 = torch.float64
+    p_general = torch.cat([torch.full((1, 10), (1 - 10 * sliver) / 10, dtype=f64), torch.full((1, 10), sliver,
+                                                                                              dtype=f64)], 1).to(dtype)
+    p_special = torch.cat([torch.full((1, 10), (1 - dustbin) / 10, dtype=f64), torch.tensor([[dustbin]], dtype=f64)],
+                          1).to(dtype)
+    pg, ps = p_general.double()[0], p_special.double()[0]
+    p_out = pg[10:].sum()
+    expected = torch.cat([(pg[:10] + ps[:10]) / 2, pg[10:] * (p_out + ps[10]) / (2 * p_out)])
+    q = combine(p_general, [p_special], [list(range(10))])
+    assert q.dtype == dtype
+    torch.testing.assert_close(q[0].double(), expected, rtol=10 * torch.finfo(dtype).eps, atol=0)
+
+
 def test_accelerated_float32_agrees_with_float64():
     q32 = combine(*slow_case(torch.float32), top_n=None)
     torch.testing.assert_close(q32.double(), combine(*slow_case(), top_n=None), rtol=0, atol=1e-5)

@@ -10,6 +10,7 @@ from ensemble.config import load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import load_tensors
+from ensemble.train import predict_logits
 from specialists import Combiner
 
 OPTIONS = ["distill_back.augmented_copies=1", "distill_back.same_compute_baseline=true", "distill_back.temperature=3"]
@@ -75,6 +76,28 @@ def test_rerun_of_an_interrupted_stage_reuses_the_soft_targets(distilled, tmp_pa
     monkeypatch.setattr(distill_back.stage, "soft_targets", lambda *a, **k: pytest.fail("recomputed"))
     run_pipeline(cfg)
     assert (stage / "report.json").is_file()
+
+
+def test_self_distillation_learns_the_generalists_own_predictions(distilled, tmp_path):
+    """The control: teacher=generalist distils the generalist into a copy of itself; its compute
+    leaves out the specialists."""
+    import shutil
+    shutil.copytree(distilled.run_dir, tmp_path / "r")
+    cfg = _cfg(tmp_path, "distill_back.teacher=generalist", "distill_back.train.epochs=1")
+    run_pipeline(cfg, only="distill_back")
+    run = tmp_path / "r"
+    data = load_data(cfg.data)
+    generalist = Combiner.from_run(run).generalist
+    cached = load_tensors(run / "distill_back" / "soft_targets.safetensors")
+    torch.testing.assert_close(cached["log_q"], predict_logits(generalist, data.x_train, device=torch.device("cpu")).log_softmax(dim=1),
+                               atol=1e-5, rtol=0)
+    report = json.loads((run / "distill_back" / "report.json").read_text())
+    rows = {r["system"]: r for r in report["systems"]}
+    student = sum(json.loads(line)["examples"] for line in (run / "distill_back" / "metrics.jsonl").open())
+    assert report["teacher"] == "generalist"
+    assert rows["student"]["train_epochs"] == pytest.approx(rows["generalist"]["train_epochs"]
+                                                            + student / len(data.x_train))
+    assert "self-distillation" in (run / "distill_back" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,0 +1,80 @@
+"""What the student keeps under other distillation settings, on one finished run of bench/full_pipeline.py.
+
+    python bench/distill_variants.py [--source default] [--variants reference T4 ...]
+
+Each variant copies bench/runs/full/SOURCE without its distill_back folder into
+bench/runs/distill/SOURCE/VARIANT and runs only the distill_back stage with the variant's overrides, so
+every variant distils the same generalist and specialists. Per variant: test top-1 and NLL of the
+student, the share of the ensemble's gain it keeps, and its training epochs and seconds. Results go to
+bench/results/distill_variants_SOURCE.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from common import write_results
+from ensemble.config import load_config
+from ensemble.pipeline import run_pipeline
+from ensemble.rundir import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {  # name: overrides of the source run's config
+    "reference": [],
+    "T1_alpha0.5": ["distill_back.temperature=1", "distill_back.alpha=0.5"],
+    "T4": ["distill_back.temperature=4"],
+    "soft_only": ["distill_back.alpha=1"],
+    "scratch": ["distill_back.init=scratch", "distill_back.train.epochs=12", "distill_back.train.lr=2e-3",
+                "distill_back.train.warmup_epochs=0.5"],
+    "augmented_copy": ["distill_back.augmented_copies=1"],
+    "self_distillation": ["distill_back.teacher=generalist"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default="default", help="a run in bench/runs/full (bench/full_pipeline.py made it)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = p.parse_args()
+    os.chdir(ROOT)  # the configs name their data relative to the repository root
+    source = ROOT / "bench" / "runs" / "full" / args.source
+    if not (source / "combine").is_dir():
+        sys.exit(f"{source} has no finished ensemble: run `python bench/full_pipeline.py --configs {args.source}`")
+    rows = []
+    for variant in args.variants:
+        run_dir = ROOT / "bench" / "runs" / "distill" / args.source / variant
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(source, run_dir, ignore=lambda folder, names: ["distill_back"] if folder == str(source) else [])
+        cfg = load_config(source / "config.yaml", [
+            f"runs_dir={run_dir.parent}", f"name={variant}", "distill_back.same_compute_baseline=false",
+            *VARIANTS[variant]])
+        summary = run_pipeline(cfg, only="distill_back")["distill_back"]
+        rows.append(_row(variant, run_dir, summary))
+        print(f"{variant}: done", file=sys.stderr, flush=True)
+    write_results(f"distill_variants_{args.source}", rows, {"source": str(source.relative_to(ROOT))})
+
+
+def _row(variant: str, run_dir: Path, summary: dict) -> dict:
+    report = read_json(run_dir / "distill_back" / "report.json")
+    systems = {r["system"]: r for r in report["systems"]}
+    return {
+        "variant": variant,
+        "overrides": " ".join(o.removeprefix("distill_back.") for o in VARIANTS[variant]),
+        "generalist": summary["generalist_top1"],
+        "ensemble": summary["ensemble_top1"],
+        "student": summary["student_top1"],
+        "gain_kept": summary["gain_kept"],
+        "student_nll": systems["student"]["test_nll"],
+        "student_epochs": round(systems["student"]["train_epochs"] - systems["ensemble"]["train_epochs"], 2)
+        if summary["teacher"] == "ensemble" else round(systems["student"]["train_epochs"]
+                                                       - systems["generalist"]["train_epochs"], 2),
+        "student_train_min": round(summary["student_train_seconds"] / 60, 2),
+    }
+
+
+if __name__ == "__main__":
+    main()
