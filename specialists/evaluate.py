@@ -23,6 +23,7 @@ from .combiner import load_ensemble
 from .plots import plot_table4
 
 NAME = "combine"
+ROWS = 2048  # test examples combined at a time
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
@@ -42,10 +43,13 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
     systems = {"generalist": (p_general, None)}
     for n in cfg.combine.top_n:
-        systems[f"KL combiner, top_n={n}"] = (combine(p_general, probs, classes, top_n=n, method=cfg.combine.method), n)
+        systems[f"KL combiner, top_n={n}"] = (_by_rows(
+            lambda g, ps, n=n: combine(g, ps, classes, top_n=n, method=cfg.combine.method), p_general, probs), n)
     first = cfg.combine.top_n[0]
-    systems[f"average, top_n={first}"] = (average_combine(p_general, probs, classes, first), first)
-    systems[f"lowest dustbin, top_n={first}"] = (lowest_dustbin_combine(p_general, probs, classes, first), first)
+    systems[f"average, top_n={first}"] = (_by_rows(
+        lambda g, ps: average_combine(g, ps, classes, first), p_general, probs), first)
+    systems[f"lowest dustbin, top_n={first}"] = (_by_rows(
+        lambda g, ps: lowest_dustbin_combine(g, ps, classes, first), p_general, probs), first)
 
     table3 = [{"system": name, "active_specialists": _mean_active(p_general, classes, n),
                "test_top1": _top1(q, labels), "conditional_top1": conditional_top1(q, labels, classes)}
@@ -95,6 +99,14 @@ def table4_rows(p_general: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, 
             rows.append({"covering_specialists": value, "test_examples": int(rows_k.sum()), "delta_correct": delta,
                          "relative_change": delta / base if base else None})
     return rows
+
+
+def _by_rows(combiner, p_general: torch.Tensor, probs: list[torch.Tensor]) -> torch.Tensor:
+    """combiner(p_general, probs) on ROWS test examples at a time, kept in float32: the combiners'
+    working memory is a few (C × examples) tensors, and q of 30,000 examples over 15,000 classes is
+    1.8 GB in float32."""
+    return torch.cat([combiner(p_general[i:i + ROWS], [p[i:i + ROWS] for p in probs]).float()
+                      for i in range(0, len(p_general), ROWS)])
 
 
 def expand(p_general: torch.Tensor, p_specialist: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,8 @@ def _init_on_loopback() -> None:
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        # "local": a new cluster, never the one the last `ray start` on this machine left its address for
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
 

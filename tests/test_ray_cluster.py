@@ -178,11 +178,19 @@ with ray_session(LaunchConfig()):
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list listening sockets")
-def test_the_local_mode_listens_on_loopback_only():
-    """`ensemble run` with no Ray address starts a cluster on this machine: none of its servers (GCS,
-    raylet, workers, agents) may listen beyond loopback."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    out = subprocess.run([sys.executable, "-c", LISTENING], env=env, capture_output=True, text=True, timeout=180)
+def test_the_local_mode_starts_its_own_cluster_on_loopback_only():
+    """`ensemble run` with no Ray address starts a cluster on this machine, even where an earlier
+    `ray start` left its (here dead) address behind, and none of its servers (GCS, raylet, workers,
+    agents) listens beyond loopback."""
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)}
+    try:
+        out = subprocess.run([sys.executable, "-c", LISTENING], env=env, capture_output=True, text=True,
+                             timeout=180)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
     addresses = out.stdout.split()
     assert len(addresses) >= 3, out.stdout  # the GCS, the raylet, the driver at least

@@ -112,3 +112,19 @@ def test_resources_no_node_has_are_an_error():
         check_resources(nodes, 1, 2)
     with pytest.raises(ValueError, match="whole number"):
         check_resources(nodes, 1, 1.5)
+
+
+def test_combiners_run_block_by_block_as_on_the_whole_test_set(monkeypatch):
+    """The combine stage combines ROWS examples at a time (memory): the same q as all at once."""
+    import specialists.evaluate as evaluate
+    from specialists.combine import combine
+
+    g = torch.Generator().manual_seed(0)
+    p_general = torch.randn(23, 12, generator=g, dtype=torch.float64).softmax(dim=1)
+    subsets = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 4, 5])]
+    probs = [torch.randn(23, len(s) + 1, generator=g, dtype=torch.float64).softmax(dim=1) for s in subsets]
+    monkeypatch.setattr(evaluate, "ROWS", 5)
+    for combiner in (lambda pg, ps: combine(pg, ps, subsets, top_n=1),
+                     lambda pg, ps: evaluate.average_combine(pg, ps, subsets, 1),
+                     lambda pg, ps: evaluate.lowest_dustbin_combine(pg, ps, subsets, 1)):
+        torch.testing.assert_close(evaluate._by_rows(combiner, p_general, probs), combiner(p_general, probs).float())
