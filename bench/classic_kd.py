@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ import torch
 from common import write_results
 from distill_back import distillation_loss
 from ensemble.config import DataConfig, NetConfig, TrainConfig
-from ensemble.data import load_data
+from ensemble.data import Data, load_data
 from ensemble.nets import Net, build_net
 from ensemble.rundir import load_tensors, save_png, save_tensors
 from ensemble.train import fit, predict_logits
@@ -43,16 +43,6 @@ CPU = torch.device("cpu")
 SIZES, TEMPERATURES = (800, 300, 30), (1, 2, 4, 8, 20)
 T_PAPER, ALPHA = 20.0, 0.9  # the paper's temperature; most of the weight on the soft targets, as it advises
 SHIFTS = torch.arange(-30, 30.001, 0.05)  # bias shifts tried on the held-out data
-
-
-@dataclass
-class Digits:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
 
 
 def main() -> None:
@@ -90,7 +80,7 @@ def main() -> None:
     plot_temperature(RUNS.parent.parent / "results" / "classic_kd_temperature.png", grid, len(d.y_test))
 
 
-def digits(path: str) -> Digits:
+def digits(path: str) -> Data:
     """Classes 0-9 of EMNIST ByClass with a stratified 10% of the training images held out."""
     data = load_data(DataConfig(source="npz", path=path, val_fraction=0.1, seed=0))
     if data.class_names[:10] != [str(c) for c in range(10)]:
@@ -98,9 +88,8 @@ def digits(path: str) -> Digits:
     split = {}
     for name in ("train", "val", "test"):
         x, y = getattr(data, f"x_{name}"), getattr(data, f"y_{name}")
-        keep = y < 10
-        split[f"x_{name}"], split[f"y_{name}"] = x[keep], y[keep]
-    return Digits(**split)
+        split[f"x_{name}"], split[f"y_{name}"] = x[y < 10], y[y < 10]
+    return dataclasses.replace(data, **split, class_names=data.class_names[:10], class_groups=None, group_names=None)
 
 
 def mlp(width: int, dropout: float = 0.0) -> NetConfig:
@@ -110,7 +99,7 @@ def mlp(width: int, dropout: float = 0.0) -> NetConfig:
 class Runner:
     """Trains (or resumes) each named network once and evaluates it on the digits."""
 
-    def __init__(self, d: Digits, epochs: int):
+    def __init__(self, d: Data, epochs: int):
         self.d, self.epochs, self.models = d, epochs, {}
 
     def train(self, name: str, net_cfg: NetConfig, targets, *, rows: torch.Tensor | None = None,

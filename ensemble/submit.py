@@ -75,4 +75,3 @@ def _submit_job(client, agent_wait: float = 120, **job) -> str:
 async def _follow(client, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         print(lines, end="", flush=True)
-        sys.stdout.flush()

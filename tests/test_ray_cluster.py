@@ -196,3 +196,17 @@ def test_the_local_mode_starts_its_own_cluster_on_loopback_only():
     assert len(addresses) >= 3, out.stdout  # the GCS, the raylet, the driver at least
     loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
     assert all(a.startswith(loopback) for a in addresses), addresses
+
+
+def test_submit_rejects_a_config_outside_the_working_dir_and_an_unreachable_cluster(tmp_path):
+    """Both before anything is uploaded, each with an error that says what to do."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "outside.yaml").write_text("name: x\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    outside = subprocess.run([BIN / "ensemble", "submit", "--config", str(tmp_path / "outside.yaml")], cwd=project,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert outside.returncode == 2 and "outside the working directory" in outside.stderr, outside.stderr
+    nobody = subprocess.run([BIN / "ensemble", "submit", "--address", f"http://127.0.0.1:{_free_port()}"],
+                            cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert nobody.returncode == 2 and "Is a Ray cluster running there" in nobody.stderr, nobody.stderr[-2000:]
