@@ -1,6 +1,6 @@
 """Cluster the benchmark generalists' held-out predictions, and 15,000 simulated classes.
 
-    python bench/clustering.py [--runs default omniglot emnist] [--scale-classes 15000]
+    python bench/clustering.py [--runs glyphs omniglot emnist] [--scale-classes 15000]
 
 Run from the repository root, after bench/generalists.py has made bench/runs/<name>:
 
@@ -49,7 +49,7 @@ SCALE_N_INIT = 3  # K-means restarts at 15,000 classes (each full-K-means start 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", nargs="+", default=["default", "omniglot", "emnist"])
+    p.add_argument("--runs", nargs="+", default=["glyphs", "omniglot", "emnist"])
     p.add_argument("--scale-classes", type=int, default=15000)
     args = p.parse_args()
     tracemalloc.start()

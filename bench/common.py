@@ -28,6 +28,16 @@ def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
     return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
+def finished_run(source: str) -> Path:
+    """bench/runs/full/SOURCE, a run whose evaluation bench/full_pipeline.py finished; else exit with the
+    command that makes it."""
+    path = Path(__file__).parent / "runs" / "full" / source
+    if not (path / "combine" / "eval.json").is_file():
+        sys.exit(f"{path} has no finished evaluation: run `python bench/full_pipeline.py --configs "
+                 f"{source.split('/')[0]}`")
+    return path
+
+
 def machine() -> dict:
     """CPU model, cores, memory, GPU, torch version: enough to tell whose numbers these are."""
     cpu = platform.processor()

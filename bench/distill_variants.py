@@ -1,12 +1,13 @@
 """What the student keeps under other distillation settings, on one finished run of bench/full_pipeline.py.
 
-    python bench/distill_variants.py [--source default] [--variants reference T4 ...]
+    python bench/distill_variants.py [--source default/s0] [--variants reference T4 ...]
 
 Each variant copies bench/runs/full/SOURCE without its distill_back folder into
 bench/runs/distill/SOURCE/VARIANT and runs only the distill_back stage with the variant's overrides, so
 every variant distils the same generalist and specialists. Per variant: test top-1 and NLL of the
-student, the share of the ensemble's gain it keeps, and its training epochs and seconds. Results go to
-bench/results/distill_variants_SOURCE.{json,md}.
+student, the share of the ensemble's gain it keeps, and its training epochs and seconds; the reference and the
+wide student also train the self-distilled control (the other variants skip it, to save time). Results go
+to bench/results/distill_variants_SOURCE.{json,md} ("/" in SOURCE becomes "_").
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import write_results
+from common import finished_run, write_results
 from ensemble.config import load_config
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
@@ -31,31 +32,32 @@ VARIANTS = {  # name: overrides of the source run's config
     "scratch": ["distill_back.init=scratch", "distill_back.train.epochs=12", "distill_back.train.lr=2e-3",
                 "distill_back.train.warmup_epochs=0.5"],
     "augmented_copy": ["distill_back.augmented_copies=1"],
-    "self_distillation": ["distill_back.teacher=generalist"],
+    # for configs/capacity.yaml: a student twice the generalist's width, about the ensemble's inference cost
+    "wide_student": ["distill_back.net={name: mlp, width: 16, depth: 1}", "distill_back.init=scratch",
+                     "distill_back.train.epochs=30", "distill_back.train.lr=2e-3", "distill_back.train.warmup_epochs=0.5"],
 }
+CONTROLLED = {"reference", "wide_student"}  # the variants that also train the self-distilled control
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", default="default", help="a run in bench/runs/full (bench/full_pipeline.py made it)")
+    p.add_argument("--source", default="default/s0", help="a run in bench/runs/full (bench/full_pipeline.py made it)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args()
     os.chdir(ROOT)  # the configs name their data relative to the repository root
-    source = ROOT / "bench" / "runs" / "full" / args.source
-    if not (source / "combine").is_dir():
-        sys.exit(f"{source} has no finished ensemble: run `python bench/full_pipeline.py --configs {args.source}`")
+    source = finished_run(args.source)
     rows = []
     for variant in args.variants:
         run_dir = ROOT / "bench" / "runs" / "distill" / args.source / variant
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(source, run_dir, ignore=lambda folder, names: ["distill_back"] if folder == str(source) else [])
         cfg = load_config(source / "config.yaml", [
-            f"runs_dir={run_dir.parent}", f"name={variant}", "distill_back.same_compute_baseline=false",
+            f"runs_dir={run_dir.parent}", f"name={variant}", f"distill_back.control={variant in CONTROLLED}",
             *VARIANTS[variant]])
         summary = run_pipeline(cfg, only="distill_back")["distill_back"]
         rows.append(_row(variant, run_dir, summary))
         print(f"{variant}: done", file=sys.stderr, flush=True)
-    write_results(f"distill_variants_{args.source}", rows, {"source": str(source.relative_to(ROOT))})
+    write_results(f"distill_variants_{args.source.replace('/', '_')}", rows, {"source": str(source.relative_to(ROOT))})
 
 
 def _row(variant: str, run_dir: Path, summary: dict) -> dict:
@@ -69,9 +71,9 @@ def _row(variant: str, run_dir: Path, summary: dict) -> dict:
         "student": summary["student_top1"],
         "gain_kept": summary["gain_kept"],
         "student_nll": systems["student"]["test_nll"],
-        "student_epochs": round(systems["student"]["train_epochs"] - systems["ensemble"]["train_epochs"], 2)
-        if summary["teacher"] == "ensemble" else round(systems["student"]["train_epochs"]
-                                                       - systems["generalist"]["train_epochs"], 2),
+        "control": summary.get("control_top1"),
+        "control_gain_kept": summary.get("control_gain_kept"),
+        "student_epochs": round(systems["student"]["train_epochs"] - systems["ensemble"]["train_epochs"], 2),
         "student_train_min": round(summary["student_train_seconds"] / 60, 2),
     }
 

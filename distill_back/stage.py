@@ -1,32 +1,29 @@
 """Stage 5, `distill_back`: one student network learns the ensemble's combined distribution q*.
 
 Writes `soft_targets.safetensors` (log q* on the transfer set, computed once and reused by a resumed
-run; with `distill_back.teacher=generalist` the generalist's log-probabilities instead: self-distillation,
-the control), the student's `model.safetensors`, `metrics.jsonl` and checkpoint, and `report.json`,
-`report.md` and `distill_back.png`: test top-1 and NLL, the share of the ensemble's gain the student
-keeps, and what each system costs to train and to run. With `distill_back.same_compute_baseline`, a
-generalist trained for as many epochs as the whole pipeline spent (in `baseline/`) joins the table.
+run), the student's `model.safetensors`, `metrics.jsonl` and checkpoint; with `distill_back.control` the
+same in `control/` for a student taught by the generalist alone (self-distillation, the control that
+tells the ensemble's knowledge from the effect of distillation itself); and `report.json`, `report.md`
+and `distill_back.png`: test top-1 and NLL of every system (the baselines stage's generalists too), the
+share of the ensemble's gain the student and the control keep, what each system costs to train and run.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ensemble.config import Config
+from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, load_data
 from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
 from ensemble.train import fit, predict_logits, resolve_device
-from generalist import train_generalist
+from generalist.baselines import load_baseline, training_examples
 from specialists import Combiner, active_specialists
 from specialists.combiner import load_ensemble
 
-from .cost import multiply_adds, parameters, timed_predictions
 from .loss import check_distillation, distillation_loss
 from .plots import plot_distill_back
 from .transfer import soft_targets, transfer_set
@@ -35,7 +32,7 @@ NAME = "distill_back"
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
-    """Soft targets from the ensemble, the student trained on them, and the report."""
+    """Soft targets from the ensemble, the student trained on them, the control, and the report."""
     run_dir = Path(run_dir)
     out = run_dir / NAME
     dcfg = cfg.distill_back
@@ -45,45 +42,57 @@ def run(run_dir: Path, cfg: Config) -> dict:
     generalist, specialists, subsets = load_ensemble(run_dir, cfg)
     combiner = Combiner(generalist, specialists, subsets, top_n=cfg.combine.top_n[0], method=cfg.combine.method,
                         device=device)
-    student = make_student(cfg, data, generalist)
-
-    x, labels = transfer_set(data, dcfg.augmented_copies, cfg.seed)
     batch = dcfg.train.eval_batch_size
-    if dcfg.teacher == "ensemble":
-        predict_proba = combiner.predict_proba
-    else:  # self-distillation: the control that tells the ensemble's knowledge from distillation itself
-        def predict_proba(xb: torch.Tensor) -> torch.Tensor:
-            return predict_logits(generalist, xb, device=device, batch_size=batch).double().softmax(dim=1)
-    teacher = _cached_soft_targets(out / "soft_targets.safetensors", predict_proba, x, labels, batch)
-    print(f"distill_back: student {parameters(student):,} parameters ({dcfg.init} start), teacher {dcfg.teacher}, "
-          f"transfer set {len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, "
-          f"alpha={dcfg.alpha}", flush=True)
-    history = fit(student, x, (teacher, labels), dcfg.train, out, seed=cfg.seed, device=device,
-                  loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
-                                                         alpha=dcfg.alpha),
-                  val=(data.x_val, data.y_val), desc="student")
-    save_tensors(out / "model.safetensors", student.state_dict())
 
-    epochs = _training_epochs(run_dir, history, len(data.x_train), dcfg.teacher)
-    models = {"generalist": (generalist, epochs["generalist"]), "ensemble": (combiner, epochs["ensemble"]),
-              "student": (student, epochs["student"])}
-    seconds = {"student_train_seconds": _seconds(history)}
-    if dcfg.same_compute_baseline:
-        budget = math.ceil(epochs["student"])
-        baseline, baseline_history = train_generalist(
-            cfg, data, dataclasses.replace(cfg.generalist.train, epochs=budget), out / "baseline", device,
-            "same-compute generalist")
-        models[f"generalist, {budget} epochs (same compute)"] = (baseline, budget)
-        seconds["baseline_train_seconds"] = _seconds(baseline_history)
+    def generalist_proba(xb: torch.Tensor) -> torch.Tensor:
+        return predict_logits(generalist, xb, device=device, batch_size=batch).double().softmax(dim=1)
+
+    teachers = {"student": (combiner.predict_proba, out)}
+    if dcfg.control:  # self-distillation: tells the ensemble's knowledge from the effect of distillation itself
+        teachers["self-distilled (control)"] = (generalist_proba, out / "control")
+    general, special = training_examples(run_dir)
+    n = len(data.x_train)
+    models = {"generalist": (generalist, general / n), "ensemble": (combiner, (general + sum(special)) / n)}
+    histories = {}
+    for name, (predict_proba, folder) in teachers.items():
+        student, history = train_student(cfg, data, generalist, predict_proba, folder, device, name)
+        teacher_examples = general + (sum(special) if name == "student" else 0)
+        models[name] = (student, (teacher_examples + sum(r["examples"] for r in history)) / n)
+        histories[name] = history
+    for row in sorted(read_json(run_dir / "baselines" / "report.json")["baselines"], key=lambda r: r["epochs"]):
+        models[f"{row['system']} ({row['epochs']} epochs)"] = (
+            load_baseline(run_dir, cfg, data, row["budget"]), row["epochs"])
+
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
-    summary = {**_summary(rows), "teacher": dcfg.teacher, **seconds}
-    write_json(out / "report.json", {**summary, "systems": rows, "history": history})
+    summary = {**_summary(rows), "student_train_seconds": _seconds(histories["student"])}
+    write_json(out / "report.json", {**summary, "systems": rows, "history": histories["student"]})
     text = report_markdown(rows, summary)
     write_text(out / "report.md", text)
-    plot_distill_back(out / "distill_back.png", rows, history,
+    plot_distill_back(out / "distill_back.png", rows, histories["student"],
                       read_json(run_dir / "generalist" / "metrics.json")["val_top1"])
     print(text, flush=True)
     return summary
+
+
+def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Callable[[torch.Tensor], torch.Tensor],
+                  folder: Path, device: torch.device, desc: str) -> tuple[Net, list[dict]]:
+    """A student trained in `folder` on the soft targets of `predict_proba` (computed once, kept in
+    `soft_targets.safetensors` for a resumed run) and the hard labels; its weights go to
+    `model.safetensors`."""
+    dcfg = cfg.distill_back
+    student = make_student(cfg, data, generalist)
+    x, labels = transfer_set(data, dcfg.augmented_copies, cfg.seed)
+    teacher = _cached_soft_targets(folder / "soft_targets.safetensors", predict_proba, x, labels,
+                                   dcfg.train.eval_batch_size)
+    print(f"distill_back: {desc}, {parameters(student):,} parameters ({dcfg.init} start), transfer set "
+          f"{len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, alpha={dcfg.alpha}",
+          flush=True)
+    history = fit(student, x, (teacher, labels), dcfg.train, folder, seed=cfg.seed, device=device,
+                  loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
+                                                         alpha=dcfg.alpha),
+                  val=(data.x_val, data.y_val), desc=desc)
+    save_tensors(folder / "model.safetensors", student.state_dict())
+    return student, history
 
 
 def check(cfg: Config) -> None:
@@ -116,12 +125,13 @@ def report_markdown(rows: list[dict], summary: dict) -> str:
              "examples/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['system']} | {r['test_top1']:.2%} | {r['test_nll']:.4f} | {r['train_epochs']:.1f} | "
               f"{r['parameters']:,} | {r['multiply_adds']:,.0f} | {r['examples_per_s']:,.0f} |" for r in rows]
-    kept = summary["gain_kept"]
-    teacher = "" if summary["teacher"] == "ensemble" else " (taught by the generalist: self-distillation)"
-    lines += ["", f"the student{teacher} keeps " + ("n/a (the ensemble did not beat the generalist)" if kept is None
-                                          else f"{kept:.0%}") + " of the ensemble's gain over the generalist "
-              f"({summary['student_top1'] - summary['generalist_top1']:+.2%} of "
-              f"{summary['ensemble_top1'] - summary['generalist_top1']:+.2%} top-1)"]
+    gain = summary["ensemble_top1"] - summary["generalist_top1"]
+    for name, key in (("the student", "student"), ("the self-distilled control", "control")):
+        if f"{key}_top1" in summary:
+            kept = summary[f"{key}_gain_kept"]
+            lines += ["", f"{name} keeps " + ("n/a (the ensemble did not beat the generalist)" if kept is None
+                                              else f"{kept:.0%}") + " of the ensemble's gain over the generalist "
+                      f"({summary[f'{key}_top1'] - summary['generalist_top1']:+.2%} of {gain:+.2%} top-1)"]
     return "\n".join(lines) + "\n"
 
 
@@ -138,28 +148,8 @@ def _cached_soft_targets(path: Path, predict_proba: Callable[[torch.Tensor], tor
     return teacher
 
 
-def _training_epochs(run_dir: Path, student_history: list[dict], n_train: int, teacher: str) -> dict[str, float]:
-    """Training examples processed up to each system, in passes over the training set: the ensemble
-    needs the generalist and every specialist, the student its teacher too."""
-    general = _examples(run_dir / "generalist" / "metrics.jsonl")
-    special = sum(_examples(folder / "metrics.jsonl") for folder in sorted((run_dir / "specialists").glob("m*")))
-    student = sum(r["examples"] for r in student_history)
-    teacher_examples = general + special if teacher == "ensemble" else general
-    return {"generalist": general / n_train, "ensemble": (general + special) / n_train,
-            "student": (teacher_examples + student) / n_train}
-
-
 def _seconds(history: list[dict]) -> float:
     return round(sum(r["seconds"] for r in history), 2)
-
-
-def _examples(history: Path) -> int:
-    """The training examples a `metrics.jsonl` records."""
-    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-    if any("examples" not in r for r in rows):
-        raise ValueError(f"{history} does not count its training examples (an older version wrote it): "
-                         f"rerun that stage")
-    return sum(r["examples"] for r in rows)
 
 
 def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data, cfg: Config,
@@ -191,13 +181,14 @@ def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data,
 
 
 def _summary(rows: list[dict]) -> dict:
-    """The headline numbers; gain_kept = (student - generalist) / (ensemble - generalist) in test top-1,
-    None when the ensemble did not beat the generalist."""
+    """The headline numbers; a gain kept = (student - generalist) / (ensemble - generalist) in test
+    top-1, None when the ensemble did not beat the generalist."""
     top1 = {r["system"]: r["test_top1"] for r in rows}
     gain = top1["ensemble"] - top1["generalist"]
-    summary = {"generalist_top1": top1["generalist"], "ensemble_top1": top1["ensemble"],
-               "student_top1": top1["student"],
-               "gain_kept": (top1["student"] - top1["generalist"]) / gain if gain > 0 else None}
-    if len(rows) > 3:
-        summary["same_compute_top1"] = rows[3]["test_top1"]
+    summary = {"generalist_top1": top1["generalist"], "ensemble_top1": top1["ensemble"]}
+    for key, system in (("student", "student"), ("control", "self-distilled (control)")):
+        if system in top1:
+            summary[f"{key}_top1"] = top1[system]
+            summary[f"{key}_gain_kept"] = (top1[system] - top1["generalist"]) / gain if gain > 0 else None
+    summary["gain_kept"] = summary["student_gain_kept"]
     return summary

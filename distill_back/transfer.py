@@ -32,5 +32,7 @@ def soft_targets(predict_proba: Callable[[torch.Tensor], torch.Tensor], x: torch
     out = []
     for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
         q = predict_proba(x[start:start + batch_size]).float()
+        if not torch.isfinite(q).all():
+            raise ValueError(f"the teacher's probabilities are not finite for inputs {start}..{start + len(q) - 1}")
         out.append(q.clamp_min_(torch.finfo(torch.float32).tiny).log_().cpu())
     return torch.cat(out)

@@ -28,13 +28,14 @@ class DataConfig:
 
     source: Literal[
         "glyphs", "digits", "synthetic", "npz", "emnist", "omniglot", "cifar100", "imagefolder"
-    ] = "glyphs"
+    ] = "synthetic"
     path: str | None = None  # npz file, or root folder of a torchvision-backed set
     download: bool = False  # torchvision-backed sets: fetch missing files
-    num_classes: int = 400  # glyphs, synthetic
-    train_per_class: int = 100  # glyphs, synthetic
+    num_classes: int = 1000  # glyphs, synthetic
+    train_per_class: int = 300  # glyphs, synthetic
     test_per_class: int = 20  # glyphs, synthetic
     group_size: int = 10  # synthetic: classes per planted confusable group
+    noise: float = 1.0  # synthetic: standard deviation of the pixel noise (how hard the classes are to tell apart)
     image_size: int = 28  # glyphs, synthetic, omniglot, imagefolder
     val_fraction: float = 0.1  # share of the training data held out, stratified by class
     seed: int = 0  # generators and the validation split (the run's seed drives training)
@@ -73,8 +74,8 @@ class TrainConfig:
 class GeneralistConfig:
     """Stage 1: one network over all classes."""
 
-    net: NetConfig = field(default_factory=NetConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    net: NetConfig = field(default_factory=lambda: NetConfig(name="mlp", width=8, depth=1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, augment="none"))
 
 
 @dataclass
@@ -83,7 +84,7 @@ class ClusterConfig:
 
     Sizes left at null are set from the number of classes C (see `cluster.resolve`)."""
 
-    shape: Literal["partition", "overlapping"] = "partition"  # disjoint subsets, or fixed-size overlapping (paper)
+    shape: Literal["partition", "overlapping"] = "overlapping"  # disjoint subsets, or fixed-size overlapping (paper)
     num_subsets: int | None = None  # M; null: round(sqrt(C))
     min_size: int | None = None  # partition: fewest classes in a subset; null: ceil(C / M / 4)
     max_size: int | None = None  # partition: most classes in a subset; null: ceil(3 C / M)
@@ -103,11 +104,34 @@ class ClusterConfig:
 class SpecialistsConfig:
     """Stage 3: one network per class subset (its classes plus a dustbin), started from the generalist."""
 
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=8, warmup_epochs=0.2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16, warmup_epochs=0.2, augment="none"))
+    head: Literal["dustbin", "full"] = "dustbin"  # full: the paper's §6.1, a softmax over all classes whose
+    #   classes outside the subset learn the generalist's soft targets (its output seen as subset + dustbin)
     in_subset_fraction: float = 0.5  # rho: the share of every batch drawn from the subset's own classes
+    dustbin_correction: Literal["prior", "none", "validation"] = "prior"  # the shift of the dustbin logit:
+    #   the prior ratio's, none, or per specialist whichever of the two has the lower validation NLL
+    freeze_trunk: bool = False  # train the head alone on the generalist's features
+    width: int | None = None  # the specialists' net width (null: the generalist's); wider ones start as the
+    #   generalist widened, their new units with no effect on the output until trained
+    skip_largest: int = 0  # give the largest subsets (K-means' "rarely confused" catch-all) no specialist
     select_on_validation: bool = True  # keep the trained weights only if they beat the start (the generalist's
     #   own) in conditional top-1 on the subset's validation examples; else the specialist stays at its start
     subsets: str | None = None  # a YAML file of subsets (lists of class names or ids) to use instead of the cluster's
+
+
+@dataclass
+class BaselinesConfig:
+    """The bar the ensemble must clear: the generalist's net trained from scratch for as long as the ensemble."""
+
+    budgets: list[Literal["compute", "wall_clock"]] = field(default_factory=lambda: ["compute", "wall_clock"])
+    #   compute: the generalist's and all specialists' training compute; wall_clock: the generalist's and the
+    #   longest specialist's (every specialist on a worker of its own); []: no baselines
+
+
+def specialist_net_config(cfg: "Config") -> NetConfig:
+    """The specialists' net: the generalist's, at `specialists.width` if set."""
+    width = cfg.specialists.width
+    return cfg.generalist.net if width is None else dataclasses.replace(cfg.generalist.net, width=width)
 
 
 @dataclass
@@ -115,7 +139,9 @@ class CombineConfig:
     """Stage 4: how the generalist and the specialists are combined, and evaluated on the test set."""
 
     top_n: list[int] = field(default_factory=lambda: [1, 2, 5])  # the first is the ensemble's; all are evaluated
-    method: Literal["fixed_point", "gradient"] = "fixed_point"
+    method: Literal["fixed_point", "gradient", "within_subset"] = "within_subset"  # the paper's KL objective
+    #   (solved by EM, or by gradient descent as in the paper), or the within-subset rule, which trusts the
+    #   generalist for which subset and the specialist for which class inside it (see specialists.combine)
 
 
 @dataclass
@@ -125,13 +151,12 @@ class DistillBackConfig:
 
     net: NetConfig | None = None  # the student; null: the generalist's architecture
     init: Literal["generalist", "scratch"] = "generalist"  # start from the generalist's weights (same net only)
-    teacher: Literal["ensemble", "generalist"] = "ensemble"  # generalist: self-distillation, the control
     temperature: float = 2.0
     alpha: float = 0.9  # the soft term's weight; 1 - alpha goes to the hard labels
     augmented_copies: int = 0  # more transfer inputs, unlabelled: the training images under random affine maps
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=5e-4, warmup_epochs=0.2,
                                                                    augment="none"))  # q* is of the clean images
-    same_compute_baseline: bool = False  # also train a generalist for as many epochs as the whole pipeline spent
+    control: bool = True  # also train the same student on the generalist's soft targets alone (self-distillation)
 
 
 @dataclass
@@ -157,6 +182,7 @@ class Config:
     generalist: GeneralistConfig = field(default_factory=GeneralistConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     combine: CombineConfig = field(default_factory=CombineConfig)
     distill_back: DistillBackConfig = field(default_factory=DistillBackConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

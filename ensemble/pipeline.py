@@ -20,8 +20,10 @@ from typing import Any
 import cluster
 import distill_back
 import generalist
+import generalist.baselines
 import specialists
 import specialists.evaluate
+import specialists.stage
 
 from .config import Config, config_hash, to_dict
 from .data import data_fingerprint
@@ -47,9 +49,12 @@ STAGES: tuple[Stage, ...] = (
           metric="confusion_capture"),
     Stage("specialists", specialists.run, lambda c: (c.seed, c.generalist.net, c.specialists, _subsets_file(c),
                                                      data_fingerprint(c.data)),
-          after=("generalist", "cluster"), metric="conditional_gain"),
+          after=("generalist", "cluster"), metric="conditional_gain", check=specialists.stage.check),
+    Stage("baselines", generalist.baselines.run, lambda c: (c.seed, c.generalist, c.baselines,
+                                                          data_fingerprint(c.data)),
+          after=("generalist", "specialists"), metric="compute_top1", check=generalist.baselines.check),
     Stage("combine", specialists.evaluate.run, lambda c: (c.combine, data_fingerprint(c.data)),
-          after=("generalist", "specialists"), metric="ensemble_top1"),
+          after=("generalist", "specialists", "baselines"), metric="ensemble_top1"),
     Stage("distill_back", distill_back.run, lambda c: (c.seed, c.generalist, c.combine, c.distill_back,
                                                        data_fingerprint(c.data)),
           after=("generalist", "specialists"), metric="student_top1", check=distill_back.check),

@@ -28,6 +28,11 @@ and strictly so because p^g > 0 wherever it matters. Two solvers:
   bounded by the curvature along the large classes, while along a small class's logit the curvature
   is about q_c, so plain descent crawls on thousands of classes sharing a dustbin's mass.
 
+`"within_subset"` is not a solver of f but a simpler rule, for specialists whose dustbins are not to be
+trusted (too small to tell their subset from all the other classes): on each active subset the
+generalist's mass p^g(S_m) is shared out as the specialist's distribution within S_m,
+p^m_c / (1 - p^m_⊥); the mean over several active specialists; p^g elsewhere.
+
 With one active specialist the minimiser has a closed form, which EM reaches in one iteration:
 q_c = (p^g_c + p^m_c)/2 on S_m and q_c = p^g_c·(P_out + p^m_⊥)/(2·P_out) off S_m, P_out = Σ_{c∉S_m} p^g_c.
 
@@ -44,8 +49,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Method = Literal["fixed_point", "gradient"]
-METHODS = ("fixed_point", "gradient")
+Method = Literal["fixed_point", "gradient", "within_subset"]
+METHODS = ("fixed_point", "gradient", "within_subset")
 SUM_TOLERANCE = 1e-3  # rows of probabilities must sum to 1 within this: catches logits and log-probs
 ADAM_RATE, ADAM_BETAS, PATIENCE = 0.1, (0.9, 0.999), 20  # the gradient method's optimiser
 MIN_GAIN = 1e-12  # a relative decrease of the objective smaller than this (or 16 eps) is no progress
@@ -61,6 +66,7 @@ class _Problem:
     k: Tensor  # (C, B) p^g_c + Σ_{m∈A, c∈S_m} p^m_c: the weight of log q_c
     inside: Tensor  # (L, B) p^m_c at each subset entry where m is active, else 0
     dustbin: Tensor  # (M, B) p^m_⊥ where m is active, else 0: the weight of log Q_m
+    active: Tensor  # (M, B) 1 where specialist m is active for example b, else 0
     num_active: Tensor  # (B,) |A_b|
     cell: Tensor  # (C,) each class's cell: classes in the same subsets share one
     outside: Tensor  # (M, K) 1 where cell k lies outside S_m, else 0
@@ -75,7 +81,8 @@ def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequ
     specialist_probs[m]: (B, |S_m| + 1) probabilities of specialist m over S_m, dustbin last.
     subsets[m]: the class ids S_m (a sequence or 1-D integer tensor); subsets may overlap.
     top_n: specialist m is active for example b iff S_m holds one of p^g_b's top_n classes; None: all are.
-    method: "fixed_point" (EM) or "gradient" (Adam on logits, the slow reference).
+    method: "fixed_point" (EM) or "gradient" (Adam on logits, the slow reference); "within_subset"
+        (not a minimiser of the KL objective: the rule in the module's docstring) ignores tol and max_iter.
     tol: fixed_point stops an example when one plain EM step moves it by max |Δq| < tol (default: the
         dtype's eps, at least 1e-10; EM can crawl, so q's error may be many times that step); gradient
         when every example's learning rate, halved each time its objective stalls, is below tol
@@ -90,11 +97,31 @@ def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequ
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     problem = _prepare(p_general, specialist_probs, subsets, top_n)
+    if method == "within_subset":
+        return _within_subset(problem, p_general, specialist_probs, subsets)
     if method == "fixed_point":
         q = _fixed_point(problem, max(torch.finfo(p_general.dtype).eps, 1e-10) if tol is None else tol, max_iter)
     else:
         q = _gradient(problem, 1e-6 if tol is None else tol, max_iter)
     return q.t().contiguous()
+
+
+def _within_subset(problem: _Problem, p_general: Tensor, specialist_probs: Sequence[Tensor],
+                   subsets: Sequence[Sequence[int] | Tensor]) -> Tensor:
+    """On each active S_m, p^g(S_m) · p^m_c / Σ_{S_m} p^m, p^g elsewhere; the mean over the active
+    specialists, built as |A|·p^g plus each active one's change on its own subset: O(B·(C + Σ|S_m|))."""
+    num_active = problem.num_active[:, None]
+    total = num_active * p_general
+    for active, p, s in zip(problem.active, specialist_probs, subsets):
+        ids = torch.as_tensor(s, device=p_general.device).long()
+        p = torch.as_tensor(p).to(p_general)
+        general, inside = p_general[:, ids], p[:, :-1]
+        tiny = torch.finfo(p.dtype).tiny
+        mass = inside.sum(dim=1, keepdim=True)  # not 1 - p^m_⊥, which cancels when the dustbin holds nearly all
+        within = torch.where(mass > 0, inside / mass.clamp_min(tiny),  # all of it underflowed: the generalist's
+                             general / general.sum(dim=1, keepdim=True).clamp_min(tiny))
+        total[:, ids] += active[:, None] * (general.sum(dim=1, keepdim=True) * within - general)
+    return torch.where(num_active > 0, total / num_active.clamp_min(1), p_general)
 
 
 def objective(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
@@ -332,7 +359,7 @@ def _prepare(p_general: Tensor, specialist_probs: Sequence[Tensor],
     general = p_general.t().contiguous()
     cell, outside = _cells(index, owner, num_classes, len(ids), p_general)
     return _Problem(general=general, k=general.index_add(0, index, inside), inside=inside, dustbin=dustbin,
-                    num_active=active.sum(0), cell=cell, outside=outside)
+                    active=active, num_active=active.sum(0), cell=cell, outside=outside)
 
 
 def _cells(index: Tensor, owner: Tensor, num_classes: int, num_subsets: int, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,13 +14,13 @@ import torch
 import yaml
 from torch import nn
 
-from ensemble.config import Config, from_dict
+from ensemble.config import Config, from_dict, specialist_net_config
 from ensemble.nets import build_net, load_weights
 from ensemble.rundir import load_tensors, read_json
 from ensemble.train import resolve_device
 
 from .combine import Method, active_specialists, combine
-from .model import collapse
+from .model import FullSoftmax, collapse
 
 
 class Combiner:
@@ -40,11 +40,14 @@ class Combiner:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **kwargs) -> Combiner:
-        """The generalist and specialists a run directory holds (its specialists stage must be done)."""
+        """The generalist and specialists a run directory holds (its specialists stage must be done),
+        combined as its config says (the first `combine.top_n`, `combine.method`) unless `kwargs` say
+        otherwise."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.yaml)")
         cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
+        kwargs = {"top_n": cfg.combine.top_n[0], "method": cfg.combine.method, **kwargs}
         return cls(*load_ensemble(run_dir, cfg), **kwargs)
 
     @torch.no_grad()
@@ -88,7 +91,8 @@ def load_ensemble(run_dir: Path, cfg: Config) -> tuple[nn.Module, list[nn.Module
         path = run_dir / "specialists" / f"m{m:03d}" / "model.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"specialist {m} of {run_dir} is missing ({path}): rerun `ensemble run`")
-        net = build_net(cfg.generalist.net, shape, len(subset) + 1)
+        full = cfg.specialists.head == "full"
+        net = build_net(specialist_net_config(cfg), shape, info["num_classes"] if full else len(subset) + 1)
         load_weights(net, load_tensors(path), f"the specialist's weights {path}")
-        specialists.append(net)
+        specialists.append(FullSoftmax(net, torch.tensor(subset)) if full else net)
     return generalist, specialists, subsets

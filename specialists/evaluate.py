@@ -1,21 +1,26 @@
 """Stage 4, `combine`: the ensemble on the test set, in the form of the paper's Tables 3 and 4.
 
 Table 3: test top-1 and conditional top-1 of the generalist and of generalist + specialists, for each
-`combine.top_n` and for two simpler combiners of the same models. Conditional top-1 counts, for every
+`combine.top_n` and for three simpler combiners of the same models. Conditional top-1 counts, for every
 test example and every subset holding its true class, whether the prediction restricted to that subset
 is right. Table 4: for each number k of active specialists whose subset holds the true class, the test
 examples, the change in correct top-1 against the generalist, and that change relative to the
 generalist's correct count.
+
+The verdict: the ensemble's test top-1 against the generalist and the baselines stage's generalists
+trained as long as the ensemble, with the paired standard error of each difference, so that nobody ships
+an ensemble that does not pay.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from ensemble.config import Config
 from ensemble.data import load_data
-from ensemble.rundir import load_tensors, write_json, write_text
+from ensemble.rundir import load_tensors, read_json, write_json, write_text
 from ensemble.train import predict_logits, resolve_device
 
 from .combine import active_specialists, combine
@@ -24,6 +29,7 @@ from .plots import plot_table4
 
 NAME = "combine"
 ROWS = 2048  # test examples combined at a time
+LABELS = {"fixed_point": "KL combiner", "gradient": "KL combiner", "within_subset": "within-subset combiner"}
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
@@ -42,34 +48,81 @@ def run(run_dir: Path, cfg: Config) -> dict:
     classes = [torch.tensor(s) for s in subsets]
 
     systems = {"generalist": (p_general, None)}
+    label = LABELS[cfg.combine.method]
     for n in cfg.combine.top_n:
-        systems[f"KL combiner, top_n={n}"] = (_by_rows(
+        systems[f"{label}, top_n={n}"] = (_by_rows(
             lambda g, ps, n=n: combine(g, ps, classes, top_n=n, method=cfg.combine.method), p_general, probs), n)
     first = cfg.combine.top_n[0]
     systems[f"average, top_n={first}"] = (_by_rows(
         lambda g, ps: average_combine(g, ps, classes, first), p_general, probs), first)
     systems[f"lowest dustbin, top_n={first}"] = (_by_rows(
         lambda g, ps: lowest_dustbin_combine(g, ps, classes, first), p_general, probs), first)
+    other = "fixed_point" if cfg.combine.method == "within_subset" else "within_subset"
+    systems[f"{LABELS[other]}, top_n={first}"] = (_by_rows(
+        lambda g, ps: combine(g, ps, classes, top_n=first, method=other), p_general, probs), first)
 
     table3 = [{"system": name, "active_specialists": _mean_active(p_general, classes, n),
                "test_top1": _top1(q, labels), "conditional_top1": conditional_top1(q, labels, classes)}
               for name, (q, n) in systems.items()]
     table4 = {name: table4_rows(p_general, q, labels, classes, n)
-              for name, (q, n) in systems.items() if name.startswith("KL combiner")}
+              for name, (q, n) in systems.items() if name.startswith(label)}
     headline = table3[1]
+    ensemble_right = systems[headline["system"]][0].argmax(dim=1) == labels
+    rivals = {"generalist": (p_general.argmax(dim=1) == labels, table3[0]["test_top1"])}
+    for row in sorted(read_json(run_dir / "baselines" / "report.json")["baselines"], key=lambda r: r["epochs"]):
+        pred = load_tensors(run_dir / "baselines" / row["budget"] / "predictions.safetensors")["test_pred"]
+        rivals[f"{row['system']} ({row['epochs']} epochs)"] = (pred == labels, row["test_top1"])
+    verdict = compare(ensemble_right, rivals)
     summary = {
         "generalist_top1": table3[0]["test_top1"], "ensemble_top1": headline["test_top1"],
         "relative_gain": headline["test_top1"] / table3[0]["test_top1"] - 1,
         "generalist_conditional_top1": table3[0]["conditional_top1"],
         "ensemble_conditional_top1": headline["conditional_top1"], "top_n": first,
-        "num_specialists": len(subsets),
+        "num_specialists": len(subsets), "verdict": verdict[-1]["call"], "verdict_rival": verdict[-1]["rival"],
+        "verdict_difference": verdict[-1]["difference"],
     }
-    write_json(out / "eval.json", {**summary, "table3": table3, "table4": table4})
-    text = tables_markdown(table3, table4, len(subsets))
+    write_json(out / "eval.json", {**summary, "table3": table3, "table4": table4, "comparisons": verdict})
+    text = tables_markdown(table3, table4, len(subsets)) + "\n" + verdict_markdown(verdict)
     write_text(out / "tables.md", text)
     plot_table4(out / "table4.png", table4)
     print(text, flush=True)
     return summary
+
+
+def compare(right: torch.Tensor, rivals: dict[str, tuple[torch.Tensor, float]]) -> list[dict]:
+    """The ensemble (per-example correctness `right`) against each rival (its correctness, its top-1) on
+    the same test examples: the difference in top-1, its paired standard error
+    sqrt(won + lost - (won - lost)^2 / n) / n, and the call, beyond two standard errors either way."""
+    rows = []
+    for name, (rival_right, rival_top1) in rivals.items():
+        n = len(right)
+        won, lost = int((right & ~rival_right).sum()), int((~right & rival_right).sum())
+        difference = (won - lost) / n
+        error = math.sqrt(max(won + lost - (won - lost) ** 2 / n, 0.0)) / n
+        call = "beats" if difference > 2 * error else "loses to" if difference < -2 * error else "is level with"
+        rows.append({"rival": name, "rival_top1": rival_top1, "difference": difference, "standard_error": error,
+                     "won": won, "lost": lost, "call": call})
+    return rows
+
+
+def verdict_markdown(rows: list[dict]) -> str:
+    """The comparison table and one sentence on the last row: the longest-trained baseline (equal compute)."""
+    lines = ["Verdict: the ensemble against single networks on the same test images", "",
+             "| rival | rival test top-1 | ensemble − rival | paired s.e. | ensemble right, rival wrong | "
+             "ensemble wrong, rival right | ensemble |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rival']} | {r['rival_top1']:.2%} | {r['difference']:+.2%} | {r['standard_error']:.2%} | "
+              f"{r['won']} | {r['lost']} | {r['call']} |" for r in rows]
+    last = rows[-1]
+    if len(rows) == 1:
+        advice = ("No baselines were trained (baselines.budgets is empty), so this cannot tell the specialists' "
+                  "gain from more training.")
+    elif last["call"] == "beats":
+        advice = f"The ensemble pays: it beats the {last['rival']} by {last['difference']:+.2%} top-1."
+    else:
+        advice = (f"The ensemble does not pay: it {last['call']} the {last['rival']} "
+                  f"({last['difference']:+.2%} top-1), a single network at the generalist's inference cost. "
+                  f"Ship that network instead, or see the levers in BENCHMARKS.md.")
+    return "\n".join(lines + ["", advice]) + "\n"
 
 
 def conditional_top1(q: torch.Tensor, labels: torch.Tensor, subsets: list[torch.Tensor]) -> float:

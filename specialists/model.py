@@ -3,6 +3,10 @@
 Head rows 0..|S|-1 are the generalist's rows for the classes of S, in the subset's order; the last row
 is the dustbin. The dustbin row is fitted so that, on the generalist's features, the specialist starts
 out predicting the generalist's own distribution collapsed onto S ∪ {dustbin} (see `fit_dustbin_row`).
+
+The paper's §6.1 variant (`specialists.head=full`) keeps the generalist's full softmax instead and learns
+the classes outside S from the generalist's soft targets (`outside_distillation_loss`); `FullSoftmax`
+shows it to the rest of the system as a dustbin specialist.
 """
 from __future__ import annotations
 
@@ -74,10 +78,72 @@ def dustbin_correction(pi: float, rho: float) -> float:
     return math.log((1 - pi) / pi) - math.log((1 - rho) / rho)
 
 
-def correct_dustbin(net: Net, shift: float) -> None:
-    """Add `shift` to the dustbin logit (the bias of the head's last row), in place."""
+class FullSoftmax(nn.Module):
+    """A specialist with a softmax over all classes, seen as a dustbin specialist: its logits on the
+    subset, then the logsumexp of all the others (so the softmax gives [p_S, Σ_{c∉S} p_c] exactly).
+    Its state dict is the inner net's under `net.`; the subset is not saved with it."""
+
+    def __init__(self, net: Net, subset: torch.Tensor):
+        super().__init__()
+        self.net = net
+        outside = torch.ones(net.head.out_features, dtype=torch.bool)
+        outside[subset] = False
+        self.register_buffer("subset", subset.clone(), persistent=False)
+        self.register_buffer("outside", outside.nonzero()[:, 0], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return torch.cat([z[:, self.subset], z[:, self.outside].logsumexp(dim=1, keepdim=True)], dim=1)
+
+
+def outside_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_log_probs: torch.Tensor,
+                              outside: torch.Tensor) -> torch.Tensor:
+    """§6.1: cross-entropy on the hard labels over all classes, plus the KL from the generalist's to the
+    specialist's distribution over the classes outside the subset (each renormalised there), which keeps
+    what the generalist knows about them while the specialist learns its own classes."""
+    hard = F.cross_entropy(logits, labels)
+    soft = F.kl_div(logits[:, outside].log_softmax(dim=1), teacher_log_probs[:, outside].log_softmax(dim=1),
+                    log_target=True, reduction="batchmean")
+    return hard + soft
+
+
+@torch.no_grad()
+def widen(narrow: Net, wide: Net) -> Net:
+    """`wide` (the same net with wider layers, freshly initialised) made to compute what `narrow` does:
+    each narrow tensor is copied into the leading block of the wide one, and the weights from the new
+    units into the old ones are zeroed, so the new units start with random inputs and no effect on the
+    output (they grow by training). Works for any net whose wider layers only append units."""
+    wide_state = wide.state_dict()
+    for key, w in narrow.state_dict().items():
+        big = wide_state[key]
+        if w.dim() != big.dim() or any(a > b for a, b in zip(w.shape, big.shape)):
+            raise ValueError(f"cannot widen {key} of shape {tuple(w.shape)} into {tuple(big.shape)}")
+        big[tuple(slice(0, n) for n in w.shape)] = w
+        if w.dim() >= 2:  # weights (out, in, ...): the old outputs ignore the new inputs
+            big[:w.shape[0], w.shape[1]:] = 0
+    wide.load_state_dict(wide_state)
+    return wide
+
+
+def freeze_trunk(net: Net) -> None:
+    """Train the head alone: the trunk's weights get no gradient and its batch-norm layers keep the
+    generalist's running statistics (they stay in eval mode whatever `net.train()` asks)."""
+    for p in net.trunk.parameters():
+        p.requires_grad_(False)
+    for m in net.trunk.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.train = lambda mode=True, m=m: m  # noqa: E731  (nn.Module.train recurses through this)
+
+
+def correct_dustbin(net: Net | FullSoftmax, shift: float) -> None:
+    """Add `shift` to the dustbin logit (the bias of the head's last row; for a full softmax, the biases
+    of every class outside the subset, which shifts their logsumexp by the same), in place."""
     with torch.no_grad():
-        net.head.bias[-1] += shift
+        if isinstance(net, FullSoftmax):
+            net.net.head.bias[net.outside] += shift
+        else:
+            net.head.bias[-1] += shift
 
 
 @torch.no_grad()

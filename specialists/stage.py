@@ -32,9 +32,11 @@ def run(run_dir: Path, cfg: Config) -> dict:
     run_dir = Path(run_dir)
     out = run_dir / NAME
     data = load_data(cfg.data)
-    subsets = load_subsets(subsets_path(cfg, run_dir), data.class_names)
+    subsets, skipped = skip_largest(load_subsets(subsets_path(cfg, run_dir), data.class_names),
+                                    cfg.specialists.skip_largest)
     write_json(out / "subsets.json", {"num_classes": data.num_classes, "input_shape": data.input_shape, "subsets": [
-        {"id": m, "classes": s, "names": [data.class_names[i] for i in s]} for m, s in enumerate(subsets)]})
+        {"id": m, "classes": s, "names": [data.class_names[i] for i in s]} for m, s in enumerate(subsets)],
+        "skipped": skipped})
 
     weights = run_dir / "generalist" / "model.safetensors"
     generalist_state = load_tensors(weights)
@@ -70,6 +72,25 @@ def run(run_dir: Path, cfg: Config) -> dict:
           f"{summary['specialists_kept_trained']} kept their trained weights, the others beat their start "
           f"(the generalist's weights) on no more validation examples and stay there", flush=True)
     return summary
+
+
+def check(cfg: Config) -> None:
+    """The stage's settings, checked before the pipeline starts any stage."""
+    width = cfg.specialists.width
+    if width is not None and width < cfg.generalist.net.width:
+        raise ValueError(f"specialists.width {width} is below the generalist's width {cfg.generalist.net.width}: "
+                         "specialists start as the generalist, widened")
+    if cfg.specialists.skip_largest < 0:
+        raise ValueError(f"specialists.skip_largest must be >= 0, got {cfg.specialists.skip_largest}")
+
+
+def skip_largest(subsets: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The subsets without the k largest (ties: the later ones go), and those k: their classes are left to
+    the generalist."""
+    if not 0 <= k < len(subsets):
+        raise ValueError(f"specialists.skip_largest must be in [0, {len(subsets)}) for {len(subsets)} subsets, got {k}")
+    drop = set(sorted(range(len(subsets)), key=lambda m: (-len(subsets[m]), -m))[:k])
+    return [s for m, s in enumerate(subsets) if m not in drop], [s for m, s in enumerate(subsets) if m in drop]
 
 
 def _save(folder: Path, result: dict) -> None:

@@ -15,12 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble.config import Config
+from ensemble.config import Config, specialist_net_config
 from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import CHECKPOINT, load_checkpoint
 from ensemble.train import fit, predict_logits
 
-from .model import correct_dustbin, dustbin_correction, dustbin_kl, specialist_net
+from .model import (
+    FullSoftmax,
+    correct_dustbin,
+    dustbin_correction,
+    dustbin_kl,
+    freeze_trunk,
+    outside_distillation_loss,
+    specialist_net,
+    widen,
+)
 from .sampling import local_labels, subset_sampler
 
 DUSTBIN_SAMPLE = 4096  # training inputs the dustbin row is fitted on
@@ -56,32 +65,48 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
     subset = torch.tensor(job.classes, dtype=torch.int64)
     generalist = build_net(cfg.generalist.net, tuple(x.shape[1:]), num_classes)
     load_weights(generalist, generalist_state, "the generalist's weights")
+    if cfg.specialists.width is not None:  # the same function, with room to grow
+        generalist = widen(generalist, build_net(specialist_net_config(cfg), tuple(x.shape[1:]), num_classes))
 
-    sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
-    features = trunk_outputs(generalist, x[sample], device, cfg.specialists.train.eval_batch_size)
-    net = specialist_net(generalist, subset, features)
-    start = copy.deepcopy(net)
-    init_kl = dustbin_kl(features, generalist, net, subset)
-
-    rho = cfg.specialists.in_subset_fraction
+    batch = cfg.specialists.train.eval_batch_size
     y_local = local_labels(y, subset, num_classes)
+    if cfg.specialists.head == "dustbin":
+        sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
+        features = trunk_outputs(generalist, x[sample], device, batch)
+        net = specialist_net(generalist, subset, features)
+        start = copy.deepcopy(net)
+        init_kl = dustbin_kl(features, generalist, net, subset)
+        targets, loss_fn = y_local, None
+    else:  # §6.1: the full softmax, its classes outside S learnt from the generalist's soft targets
+        net, start, init_kl = copy.deepcopy(generalist), FullSoftmax(copy.deepcopy(generalist), subset), 0.0
+        teacher = predict_logits(generalist, x, device=device, batch_size=batch).log_softmax(dim=1)
+        outside = start.outside.to(device)
+        targets = (y, teacher)
+        loss_fn = lambda z, t: outside_distillation_loss(z, t[0], t[1], outside)  # noqa: E731
+
+    if cfg.specialists.freeze_trunk:
+        freeze_trunk(net)
+    rho = cfg.specialists.in_subset_fraction
     in_subset = y_local < len(subset)
     sampler = subset_sampler(in_subset, cfg.specialists.train.batch_size, rho)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         resumed = _restore(checkpoint, workdir)
-        history = fit(net, x, y_local, cfg.specialists.train, workdir, seed=seed, device=device, sampler=sampler,
-                      desc=f"specialist {job.name}", on_epoch=lambda h: store.save(
+        history = fit(net, x, targets, cfg.specialists.train, workdir, seed=seed, device=device, sampler=sampler,
+                      loss_fn=loss_fn, desc=f"specialist {job.name}", on_epoch=lambda h: store.save(
                           job.name, (workdir / CHECKPOINT).read_bytes(), len(h), os.getpid()))
+    if cfg.specialists.head == "full":
+        net = FullSoftmax(net, subset)
 
     pi = in_subset.float().mean().item()
-    batch, channels_last = cfg.specialists.train.eval_batch_size, cfg.specialists.train.channels_last
+    channels_last = cfg.specialists.train.channels_last
     y_val = local_labels(data["y_val"], subset, num_classes)
-    val = {name: conditional_top1(predict_logits(model, data["x_val"], device=device, batch_size=batch,
-                                                 channels_last=channels_last), y_val, len(subset))
-           for name, model in (("trained", net), ("start", start))}
+    val_logits = {name: predict_logits(model, data["x_val"], device=device, batch_size=batch,
+                                       channels_last=channels_last) for name, model in (("trained", net), ("start", start))}
+    val = {name: conditional_top1(z, y_val, len(subset)) for name, z in val_logits.items()}
     kept = "start" if cfg.specialists.select_on_validation and val["trained"] <= val["start"] else "trained"
-    net, shift = (start, 0.0) if kept == "start" else (net, dustbin_correction(pi, rho))
+    net, shift = (start, 0.0) if kept == "start" else (net, choose_shift(
+        cfg.specialists.dustbin_correction, dustbin_correction(pi, rho), val_logits["trained"], y_val))
     raw = predict_logits(net, data["x_test"], device=device, batch_size=batch, channels_last=channels_last)
     correct_dustbin(net, shift)
     metrics = {
@@ -93,8 +118,25 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
         "started": started, "finished": time.time(), "device": str(device),
         "host": socket.gethostname(), "node_id": _ray_node_id(), "pid": os.getpid(),
     }
-    return {"state": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "metrics": metrics,
+    inner = net.net if isinstance(net, FullSoftmax) else net
+    return {"state": {k: v.detach().cpu() for k, v in inner.state_dict().items()}, "metrics": metrics,
             "history": history}
+
+
+def choose_shift(mode: str, prior_shift: float, val_logits: torch.Tensor, y_val_local: torch.Tensor) -> float:
+    """The dustbin logit's shift: the prior ratio's (`prior`), none, or whichever of the two gives the
+    lower NLL on the validation examples, which have the natural class mix (`validation`)."""
+    if mode == "none":
+        return 0.0
+    if mode == "prior":
+        return prior_shift
+
+    def nll(shift: float) -> float:
+        z = val_logits.clone()
+        z[:, -1] += shift
+        return F.cross_entropy(z, y_val_local).item()
+
+    return min((prior_shift, 0.0), key=nll)
 
 
 def _ray_node_id() -> str | None:

@@ -198,7 +198,8 @@ def _cfg(tmp_path, *extra):
     return load_config(None, [
         "data.source=synthetic", "data.num_classes=40", "data.group_size=5", "data.train_per_class=30",
         "data.test_per_class=2", "data.image_size=12", "generalist.net.name=mlp", "generalist.net.width=32",
-        "generalist.train.epochs=2", "cluster.num_subsets=5", "cluster.n_init=2", "specialists.train.epochs=1",
+        "generalist.train.epochs=2", "cluster.shape=partition", "cluster.num_subsets=5", "cluster.n_init=2",
+        "specialists.train.epochs=1",
         "distill_back.train.epochs=1", "launch.backend=inline", f"runs_dir={tmp_path}", "name=r",
         *extra])
 
@@ -221,7 +222,7 @@ def test_stage_writes_subsets_skips_when_done_and_reruns_alone_when_its_config_c
     generalist_mtime = (tmp_path / "r" / "generalist" / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     run_pipeline(_cfg(tmp_path))
-    assert capsys.readouterr().out.count("done already") == 5
+    assert capsys.readouterr().out.count("done already") == 6  # every stage
 
     run_pipeline(_cfg(tmp_path, "cluster.shape=overlapping", "cluster.subset_size=12"))
     out = capsys.readouterr().out

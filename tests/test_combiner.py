@@ -13,6 +13,7 @@ from specialists import Combiner, combine
 from specialists.combiner import load_ensemble
 from specialists.evaluate import (
     average_combine,
+    compare,
     conditional_top1,
     expand,
     lowest_dustbin_combine,
@@ -42,14 +43,17 @@ def test_combiner_runs_only_the_specialists_an_example_needs(trained):
     generalist, specialists, subsets = load_ensemble(run, trained)
     p_general = predict_logits(generalist, x, device=torch.device("cpu")).softmax(1)
     probs = [predict_logits(net, x, device=torch.device("cpu")).softmax(1) for net in specialists]
-    expected = combine(p_general, probs, subsets, top_n=1)
+    expected = combine(p_general, probs, subsets, top_n=1, method=trained.combine.method)  # the run's combiner
     assert torch.allclose(q, expected, atol=1e-5)
     assert torch.equal(ensemble.predict(x), q.argmax(1))
     top = p_general.argmax(1)
     assert needed == [int(torch.isin(top, torch.tensor(s)).sum()) for s in subsets]  # only the active examples
 
     everyone = Combiner.from_run(run, top_n=None).predict_proba(x[:50])
-    assert torch.allclose(everyone, combine(p_general[:50], [p[:50] for p in probs], subsets, top_n=None), atol=1e-5)
+    assert torch.allclose(everyone, combine(p_general[:50], [p[:50] for p in probs], subsets, top_n=None,
+                                            method=trained.combine.method), atol=1e-5)
+    kl = Combiner.from_run(run, method="fixed_point").predict_proba(x[:50])
+    assert torch.allclose(kl, combine(p_general[:50], [p[:50] for p in probs], subsets, top_n=1), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         Combiner.from_run(run / "nothing")
 
@@ -58,9 +62,9 @@ def test_evaluation_tables_match_a_slow_recount(trained):
     report = json.loads((trained.run_dir / "combine" / "eval.json").read_text())
     preds = load_tensors(trained.run_dir / "generalist" / "predictions.safetensors")
     labels = preds["test_labels"]
-    assert [r["system"] for r in report["table3"]] == [
-        "generalist", "KL combiner, top_n=1", "KL combiner, top_n=2", "KL combiner, top_n=5",
-        "average, top_n=1", "lowest dustbin, top_n=1"]
+    assert [r["system"] for r in report["table3"]] == [  # the configured combiner (the default) first
+        "generalist", "within-subset combiner, top_n=1", "within-subset combiner, top_n=2",
+        "within-subset combiner, top_n=5", "average, top_n=1", "lowest dustbin, top_n=1", "KL combiner, top_n=1"]
     general = report["table3"][0]
     assert general["test_top1"] == pytest.approx((preds["test_probs"].argmax(1) == labels).float().mean().item())
     subsets = json.loads((trained.run_dir / "specialists" / "subsets.json").read_text())["subsets"]
@@ -75,6 +79,51 @@ def test_evaluation_tables_match_a_slow_recount(trained):
         assert combined["test_top1"] - general["test_top1"] == pytest.approx(delta / len(labels))
     assert (trained.run_dir / "combine" / "table4.png").stat().st_size > 5_000
     assert "Table 3" in (trained.run_dir / "combine" / "tables.md").read_text()
+
+
+def test_verdict_compares_the_ensemble_with_each_baseline_on_the_same_images(trained):
+    """eval.json's verdict rows recount from the saved predictions; the call is the last (equal-compute) row's."""
+    run = trained.run_dir
+    report = json.loads((run / "combine" / "eval.json").read_text())
+    labels = load_tensors(run / "generalist" / "predictions.safetensors")["test_labels"]
+    x = load_data(trained.data).x_test
+    right = Combiner.from_run(run).predict(x) == labels
+    rows = report["comparisons"]
+    rivals = [r["rival"] for r in rows]
+    assert rivals[0] == "generalist" and rivals[1].startswith("equal-wall-clock generalist")
+    assert rivals[2].startswith("equal-compute generalist")
+    pred = load_tensors(run / "baselines" / "compute" / "predictions.safetensors")["test_pred"]
+    last = rows[-1]
+    assert (last["won"], last["lost"]) == (int((right & (pred != labels)).sum()), int((~right & (pred == labels)).sum()))
+    assert (report["verdict"], report["verdict_rival"]) == (last["call"], last["rival"])
+    text = (run / "combine" / "tables.md").read_text()
+    assert "Verdict" in text and ("The ensemble pays" in text) == (last["call"] == "beats")
+
+
+@pytest.mark.parametrize("won, lost, call", [(30, 5, "beats"), (5, 30, "loses to"), (12, 8, "is level with"), (0, 0, "is level with")])
+def test_compare_gives_the_paired_difference_its_standard_error_and_the_call(won, lost, call):
+    n = 1000
+    right = torch.zeros(n, dtype=torch.bool)
+    rival = torch.zeros(n, dtype=torch.bool)
+    right[:won] = True  # the ensemble alone right
+    rival[won:won + lost] = True  # the rival alone right
+    right[500:700] = rival[500:700] = True  # both right
+    row, = compare(right, {"rival": (rival, rival.float().mean().item())})
+    d = right.double() - rival.double()  # the slow reference: the per-image difference's mean and its s.e.
+    assert row["difference"] == pytest.approx(d.mean().item())
+    assert row["standard_error"] == pytest.approx((d.var(unbiased=False) / n).sqrt().item())
+    assert (row["won"], row["lost"], row["call"]) == (won, lost, call)
+
+
+def test_without_baselines_the_verdict_says_it_cannot_tell(upstream, tmp_path):
+    cfg = specialists_run(upstream, tmp_path, "baselines.budgets=[]")
+    run_pipeline(cfg, only="specialists")
+    run_pipeline(cfg, only="baselines")
+    run_pipeline(cfg, only="combine")
+    report = json.loads((cfg.run_dir / "combine" / "eval.json").read_text())
+    assert report["verdict_rival"] == "generalist"
+    assert "No baselines were trained" in (cfg.run_dir / "combine" / "tables.md").read_text()
+    assert not (cfg.run_dir / "baselines" / "compute").exists()
 
 
 def test_simple_combiners_and_conditional_accuracy():
@@ -94,3 +143,39 @@ def test_simple_combiners_and_conditional_accuracy():
     labels = torch.tensor([1, 2])
     assert conditional_top1(p_general, labels, subsets) == 0.0  # 0 beats 1 in {0, 1}; 3 beats 2 in {2, 3}
     assert conditional_top1(avg, labels, subsets) == 0.5
+
+
+def test_within_subset_combiner_against_a_slow_reference():
+    """The generalist's mass on each active subset, shared out by the specialist's distribution within
+    it; the mean over several active specialists; the generalist's distribution where none is active."""
+    g = torch.Generator().manual_seed(1)
+    p_general = torch.randn(40, 7, generator=g).mul(2).softmax(1).double()
+    subsets = [torch.tensor([0, 3]), torch.tensor([3, 5, 6]), torch.tensor([1])]
+    probs = [torch.randn(40, len(s) + 1, generator=g).softmax(1).double() for s in subsets]
+    for top_n in (1, 2):
+        q = combine(p_general, probs, subsets, top_n=top_n, method="within_subset")
+        for i in range(40):
+            top = set(p_general[i].argsort(descending=True)[:top_n].tolist())
+            parts = []
+            for p, s in zip(probs, subsets):
+                if top & set(s.tolist()):
+                    part = p_general[i].clone()
+                    mass = sum(p_general[i, c].item() for c in s.tolist())
+                    for k, c in enumerate(s.tolist()):
+                        part[c] = mass * p[i, k] / (1 - p[i, -1])
+                    parts.append(part)
+            expected = sum(parts) / len(parts) if parts else p_general[i]
+            torch.testing.assert_close(q[i], expected)
+            assert q[i].sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_within_subset_combiner_when_the_dustbin_holds_nearly_everything(dtype):
+    """1 - p^m_⊥ is 0 in floating point here; q must still be the specialist's proportions inside S."""
+    p_general = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]], dtype=dtype)
+    p_special = torch.tensor([[1e-30, 3e-30, 1.0], [0.0, 0.0, 1.0]], dtype=dtype)
+    q = combine(p_general, [p_special], [[0, 1]], method="within_subset")
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(2, dtype=dtype))
+    torch.testing.assert_close(q[0], torch.tensor([0.2, 0.6, 0.2], dtype=dtype))  # 0.8 shared 1:3
+    torch.testing.assert_close(q[1], p_general[1])  # nothing left inside: the generalist's own proportions

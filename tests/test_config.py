@@ -26,6 +26,7 @@ def test_defaults_file_and_overrides_stack(tmp_path):
     ("generalist.train.amp=3", "'generalist.train.amp' must be bool"),
     ("generalist.train.lr=fast", "'generalist.train.lr' must be float, got 'fast'"),
     ("data.source=mnist", "'data.source' must be one of"),
+    ("baselines.budgets=[flops]", "'baselines.budgets[0]' must be one of"),
     ("data=3", "'data' must be a mapping"),
     ("seed", "not of the form key=value"),
 ])
@@ -70,10 +71,17 @@ def test_round_trip_and_hash():
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", ["default", "omniglot", "emnist"])
+@pytest.mark.parametrize("name", ["default", "glyphs", "omniglot", "emnist", "scale15k"])
 def test_shipped_configs_load(name):
     assert load_config(CONFIGS / f"{name}.yaml").name == name
 
 
 def test_default_yaml_is_the_built_in_default():
     assert to_dict(load_config(CONFIGS / "default.yaml")) == to_dict(Config())
+
+
+def test_a_baseline_named_twice_is_refused_before_any_stage_runs():
+    from generalist.baselines import check
+
+    with pytest.raises(ValueError, match="must be distinct"):
+        check(load_config(None, ["baselines.budgets=[compute, compute]"]))

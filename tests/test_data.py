@@ -101,6 +101,19 @@ def test_synthetic_hierarchy_and_determinism():
     assert dist[same & off_diag].mean() < 0.8 * dist[~same].mean()
 
 
+def test_synthetic_noise_sets_the_spread_within_a_class_and_keys_the_cache():
+    def spread(noise):
+        src = synthetic(num_classes=4, train_per_class=200, test_per_class=1, group_size=2, image_size=8, noise=noise)
+        return np.mean([src.x_train[src.y_train == c].astype(float).std(0).mean() for c in range(4)])
+
+    assert spread(0.0) == 0.0 and 0 < spread(0.35) < spread(2.0)
+    with pytest.raises(ValueError, match="noise >= 0"):
+        synthetic(num_classes=4, noise=-1.0)
+    for noise in (0.35, 2.0):
+        load_source(DataConfig(source="synthetic", num_classes=4, train_per_class=2, test_per_class=1, noise=noise))
+    assert len(list(cache_dir().glob("synthetic-*.npz"))) == 2
+
+
 def test_synthetic_scales_to_20000_classes():
     src = synthetic(num_classes=20000, train_per_class=1, test_per_class=1, group_size=20, image_size=8)
     assert src.x_train.shape == (20000, 8, 8) and src.class_groups.max() == 999

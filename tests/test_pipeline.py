@@ -120,7 +120,8 @@ def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     """kill -9 during epoch 2, rerun the same command: it resumes after epoch 1 and ends with the same
     weights, bit for bit, as a run that was never interrupted."""
     args = ["stage", "generalist", "data.source=synthetic", "data.num_classes=20", "data.train_per_class=200",
-            "data.test_per_class=5", "generalist.net.width=16", "generalist.train.epochs=5",
+            "data.test_per_class=5", "generalist.net.name=cnn", "generalist.net.width=16",
+            "generalist.train.epochs=5",
             f"runs_dir={tmp_path}"]
     proc = _ensemble(*args, "name=cut")
     checkpoint = tmp_path / "cut" / "generalist" / "checkpoint.pt"

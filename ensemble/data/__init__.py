@@ -87,8 +87,8 @@ def load_source(cfg: DataConfig) -> Source:
         ))
     if s == "synthetic":
         return _cached(cfg, lambda: synthetic.synthetic(
-            cfg.num_classes, cfg.train_per_class, cfg.test_per_class, cfg.group_size, cfg.image_size, cfg.seed
-        ))
+            cfg.num_classes, cfg.train_per_class, cfg.test_per_class, cfg.group_size, cfg.image_size, cfg.seed,
+            cfg.noise))
     if s == "emnist":
         return torchvision_sets.emnist(_need_path(cfg), download=cfg.download)
     if s == "omniglot":
@@ -151,7 +151,8 @@ def _cached(cfg: DataConfig, make) -> Source:
     """Load a generated source from the cache, or make it and store it (atomically)."""
     from .npz import load_npz, save_npz
 
-    keys = ("source", "num_classes", "train_per_class", "test_per_class", "group_size", "image_size", "seed")
+    keys = ("source", "num_classes", "train_per_class", "test_per_class", "group_size", "image_size", "seed",
+            *(("noise",) if cfg.source == "synthetic" else ()))
     path = cache_dir() / f"{cfg.source}-{config_hash({k: getattr(cfg, k) for k in keys})}.npz"
     if path.is_file():
         try:

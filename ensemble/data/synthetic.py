@@ -14,17 +14,16 @@ import torch.nn.functional as F
 from .source import Source
 
 LEVEL_SCALES = (1.0, 0.7, 0.45)  # amplitude of the super-group, group and class patterns
-NOISE = 0.35  # per-sample pixel noise
 CHUNK = 512  # classes generated at a time, to bound memory at 20,000+ classes
 
 
 def synthetic(num_classes: int = 400, train_per_class: int = 100, test_per_class: int = 20,
-              group_size: int = 10, image_size: int = 28, seed: int = 0) -> Source:
-    """`num_classes` classes in groups of `group_size`, as uint8 (N, image_size, image_size) images."""
-    if num_classes < 2 or group_size < 1 or train_per_class < 1 or test_per_class < 1 or image_size < 4:
-        raise ValueError(
-            "synthetic data needs num_classes >= 2, group_size >= 1, train/test_per_class >= 1, image_size >= 4"
-        )
+              group_size: int = 10, image_size: int = 28, seed: int = 0, noise: float = 0.35) -> Source:
+    """`num_classes` classes in groups of `group_size`, as uint8 (N, image_size, image_size) images whose
+    pixels carry independent Gaussian noise of standard deviation `noise` (before the squashing)."""
+    if num_classes < 2 or group_size < 1 or train_per_class < 1 or test_per_class < 1 or image_size < 4 or noise < 0:
+        raise ValueError("synthetic data needs num_classes >= 2, group_size >= 1, train/test_per_class >= 1, "
+                         "image_size >= 4 and noise >= 0")
     gen = torch.Generator().manual_seed(seed)
     groups = np.arange(num_classes) // group_size
     supers = groups // group_size
@@ -33,8 +32,8 @@ def synthetic(num_classes: int = 400, train_per_class: int = 100, test_per_class
         for ids, scale in zip((supers, groups, np.arange(num_classes)), LEVEL_SCALES)
     ]
     prototypes = patterns[0][supers] + patterns[1][groups] + patterns[2]
-    x_train = _samples(prototypes, train_per_class, gen)
-    x_test = _samples(prototypes, test_per_class, gen)
+    x_train = _samples(prototypes, train_per_class, noise, gen)
+    x_test = _samples(prototypes, test_per_class, noise, gen)
     n_groups = int(groups.max()) + 1
     return Source(
         x_train=x_train,
@@ -53,11 +52,11 @@ def _smooth(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def _samples(prototypes: torch.Tensor, per_class: int, gen: torch.Generator) -> np.ndarray:
+def _samples(prototypes: torch.Tensor, per_class: int, noise: float, gen: torch.Generator) -> np.ndarray:
     """per_class noisy draws of each prototype, class-major, squashed to uint8 by a sigmoid."""
     out = []
     for start in range(0, len(prototypes), CHUNK):
         p = prototypes[start:start + CHUNK].repeat_interleave(per_class, dim=0)
-        x = torch.sigmoid(2.0 * (p + NOISE * torch.randn(p.shape, generator=gen)))
+        x = torch.sigmoid(2.0 * (p + noise * torch.randn(p.shape, generator=gen)))
         out.append((x * 255).round().to(torch.uint8).numpy())
     return np.concatenate(out)

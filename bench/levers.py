@@ -1,0 +1,107 @@
+"""What each lever does to the ensemble, on one finished run of bench/full_pipeline.py, one lever at a time.
+
+    python bench/levers.py [--source default/s0] [--levers reference full_softmax ...] [--fresh]
+
+Each lever copies bench/runs/full/SOURCE (without its baselines, combine and distill_back folders) into
+bench/runs/levers/SOURCE/LEVER and runs the cluster, specialists and combine stages with the lever's
+overrides; a stage the lever does not touch is done already and skipped, so every lever starts from the
+same generalist. The baselines are not retrained (`baselines.budgets=[]`): compare each row with the
+source run's generalists trained as long as the ensemble (in the JSON's `source_rivals`), minding the
+row's own specialist compute. Per lever: test top-1 of the ensemble with the KL combiner and with the
+within-subset combiner (the first `combine.top_n`), each one's change against the reference, the
+specialists' conditional top-1 gain, their training compute in epochs of the generalist, and the
+specialists stage's wall minutes. A rerun resumes: finished levers are read back, not trained again.
+Results go to bench/results/levers_SOURCE.{json,md} ("/" in SOURCE
+becomes "_").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from common import finished_run, write_results
+from ensemble.config import load_config
+from ensemble.data import load_data
+from ensemble.pipeline import run_pipeline
+from ensemble.rundir import Manifest, read_json
+from generalist.baselines import training_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LEVERS = {  # name: overrides of the source run's config
+    "reference": [],
+    "full_softmax": ["specialists.head=full"],
+    "overlapping": ["cluster.shape=overlapping"],
+    "frozen_trunk": ["specialists.freeze_trunk=true"],
+    "epochs_x2": ["specialists.train.epochs={2e}"],
+    "epochs_half": ["specialists.train.epochs={e/2}"],
+    "affine_augment": ["specialists.train.augment=affine"],
+    "no_correction": ["specialists.dustbin_correction=none"],
+    "correction_on_validation": ["specialists.dustbin_correction=validation"],
+    "skip_largest": ["specialists.skip_largest=1"],
+    "wider_x2": ["specialists.width={2w}"],
+    "overlapping_epochs_x2": ["cluster.shape=overlapping", "specialists.train.epochs={2e}"],
+    "no_selection": ["specialists.select_on_validation=false"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default="default/s0", help="a run in bench/runs/full (bench/full_pipeline.py made it)")
+    p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    p.add_argument("--fresh", action="store_true", help="redo the levers whose runs exist (else they resume)")
+    args = p.parse_args()
+    os.chdir(ROOT)  # the configs name their data relative to the repository root
+    source = finished_run(args.source)
+    source_cfg = load_config(source / "config.yaml")
+    sizes = {"2e": 2 * source_cfg.specialists.train.epochs, "e/2": max(1, source_cfg.specialists.train.epochs // 2),
+             "2w": 2 * source_cfg.generalist.net.width}
+    rows = []
+    for lever in args.levers:
+        overrides = [o.format(**sizes) for o in LEVERS[lever]]
+        run_dir = ROOT / "bench" / "runs" / "levers" / args.source / lever
+        if args.fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if not run_dir.exists():  # else the pipeline skips the stages that are done
+            shutil.copytree(source, run_dir, ignore=lambda folder, names: ["baselines", "combine", "distill_back"]
+                            if folder == str(source) else [])
+        cfg = load_config(source / "config.yaml", [f"runs_dir={run_dir.parent}", f"name={lever}",
+                                                   "baselines.budgets=[]", *overrides])
+        for stage in ("cluster", "specialists", "baselines", "combine"):
+            run_pipeline(cfg, only=stage)
+        rows.append(_row(lever, overrides, run_dir, len(load_data(cfg.data).x_train)))
+        print(f"{lever}: done", file=sys.stderr, flush=True)
+    reference = next((r for r in rows if r["lever"] == "reference"), None)
+    for row in rows:
+        for key in ("kl", "within_subset"):
+            row[f"{key}_vs_reference"] = None if reference is None else row[key] - reference[key]
+    evaluation = read_json(source / "combine" / "eval.json")
+    baselines = {r["rival"]: r["rival_top1"] for r in evaluation["comparisons"]}
+    write_results(f"levers_{args.source.replace('/', '_')}", rows,
+                  {"source": str(source.relative_to(ROOT)), "source_rivals": baselines})
+
+
+def _row(lever: str, overrides: list[str], run_dir: Path, n_train: int) -> dict:
+    evaluation = read_json(run_dir / "combine" / "eval.json")
+    table3 = {r["system"].split(",")[0]: r["test_top1"] for r in evaluation["table3"]
+              if r["system"].endswith(f"top_n={evaluation['top_n']}")}
+    specialists = Manifest(run_dir).get("specialists")
+    _, special = training_examples(run_dir)
+    return {
+        "lever": lever,
+        "overrides": " ".join(o.removeprefix("specialists.") for o in overrides),
+        "generalist": evaluation["generalist_top1"],
+        "kl": table3["KL combiner"],
+        "within_subset": table3["within-subset combiner"],
+        "conditional_gain": specialists["summary"]["conditional_gain"],
+        "specialists": evaluation["num_specialists"],
+        "specialist_epochs": round(sum(special) / n_train, 2),
+        "specialists_min": round(specialists["seconds"] / 60, 2),
+    }
+
+
+if __name__ == "__main__":
+    main()

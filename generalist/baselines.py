@@ -1,0 +1,97 @@
+"""Stage `baselines`: the generalist's net trained from scratch for as long as the ensemble trained, so
+that the ensemble's gain is not just more training.
+
+- `compute`: as much training compute as the generalist and all the specialists together;
+- `wall_clock`: as much as the generalist and the longest specialist, the ensemble's training time when
+  every specialist has a worker of its own.
+
+Compute is counted in training examples, weighted by each net's multiply-adds per example relative to
+the generalist's; a budget is rounded up to whole epochs, so a baseline never trains for less.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from ensemble.config import Config
+from ensemble.cost import multiply_adds
+from ensemble.data import Data, load_data
+from ensemble.nets import Net, build_net, load_weights
+from ensemble.rundir import load_tensors, save_tensors, write_json
+from ensemble.train import classification_metrics, predict_logits, resolve_device
+from specialists.combiner import load_ensemble
+
+from .stage import train_generalist
+
+NAME = "baselines"
+BUDGETS = ("compute", "wall_clock")
+TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist"}
+
+
+def run(run_dir: Path, cfg: Config) -> dict:
+    """Train one generalist per `baselines.budgets`; write each one's weights and test predictions, and
+    `report.json` with the budgets in epochs."""
+    run_dir = Path(run_dir)
+    out = run_dir / NAME
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(cfg.data)
+    device = resolve_device(cfg.device)
+    epochs = budget_epochs(run_dir, cfg, data)
+    rows = []
+    for name in cfg.baselines.budgets:
+        train = dataclasses.replace(cfg.generalist.train, epochs=math.ceil(epochs[name] - 1e-9))
+        net, history = train_generalist(cfg, data, train, out / name, device, TITLES[name])
+        save_tensors(out / name / "model.safetensors", net.state_dict())
+        logits = predict_logits(net, data.x_test, device=device, batch_size=train.eval_batch_size,
+                                channels_last=train.channels_last)
+        save_tensors(out / name / "predictions.safetensors", {"test_pred": logits.argmax(dim=1)})
+        rows.append({"budget": name, "system": TITLES[name], "epochs": train.epochs, "budget_epochs": epochs[name],
+                     **classification_metrics(logits, data.y_test, "test_"),
+                     "train_seconds": round(sum(r["seconds"] for r in history), 2)})
+        print(f"{TITLES[name]}: {train.epochs} epochs, test top-1 {rows[-1]['test_top1']:.4f}", flush=True)
+    write_json(out / "report.json", {"budget_epochs": epochs, "baselines": rows})
+    return {f"{r['budget']}_top1": r["test_top1"] for r in rows} | {f"{k}_epochs": v for k, v in epochs.items()}
+
+
+def check(cfg: Config) -> None:
+    """`baselines.budgets` names known budgets, each once."""
+    budgets = cfg.baselines.budgets
+    if len(set(budgets)) != len(budgets) or not set(budgets) <= set(BUDGETS):
+        raise ValueError(f"baselines.budgets must be distinct names from {list(BUDGETS)}, got {budgets}")
+
+
+def budget_epochs(run_dir: Path, cfg: Config, data: Data) -> dict[str, float]:
+    """Each budget in passes over the training set at the generalist's cost per example."""
+    general, specialists = training_examples(run_dir)
+    generalist, nets, _ = load_ensemble(run_dir, cfg)
+    base = multiply_adds(generalist, data.input_shape)
+    weighted = [n * multiply_adds(net, data.input_shape) / base for n, net in zip(specialists, nets)]
+    n = len(data.x_train)
+    return {"compute": (general + sum(weighted)) / n, "wall_clock": (general + max(weighted, default=0)) / n}
+
+
+def training_examples(run_dir: Path) -> tuple[int, list[int]]:
+    """The training examples the generalist and each specialist processed (their `metrics.jsonl`)."""
+    run_dir = Path(run_dir)
+    folders = sorted((run_dir / "specialists").glob("m[0-9]*"))
+    return (examples(run_dir / "generalist" / "metrics.jsonl"),
+            [examples(folder / "metrics.jsonl") for folder in folders])
+
+
+def examples(history: Path) -> int:
+    """The training examples a `metrics.jsonl` records."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    if any("examples" not in r for r in rows):
+        raise ValueError(f"{history} does not count its training examples (an older version wrote it): "
+                         f"rerun that stage")
+    return sum(r["examples"] for r in rows)
+
+
+def load_baseline(run_dir: Path, cfg: Config, data: Data, budget: str) -> Net:
+    """A trained baseline of a run, rebuilt from its config and weights."""
+    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes)
+    path = Path(run_dir) / NAME / budget / "model.safetensors"
+    load_weights(net, load_tensors(path), f"the {TITLES[budget]}'s weights {path}")
+    return net
