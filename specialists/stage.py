@@ -69,8 +69,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
     print(f"specialists: conditional top-1 {summary['conditional_top1']:.4f} vs the generalist's "
           f"{summary['generalist_conditional_top1']:.4f}; {summary['specialists_at_least_generalist']} of "
           f"{len(rows)} specialists at least as good as the generalist on their subset; "
-          f"{summary['specialists_kept_trained']} kept their trained weights, the others beat their start "
-          f"(the generalist's weights) on no more validation examples and stay there", flush=True)
+          f"{summary['specialists_kept_trained']} kept their trained weights"
+          + ("" if summary["specialists_kept_trained"] == len(rows) else ", the others beat their start (the "
+             "generalist's weights) on no more validation examples and stay there"), flush=True)
     return summary
 
 
