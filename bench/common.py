@@ -38,6 +38,13 @@ def finished_run(source: str) -> Path:
     return path
 
 
+def combiner_top1(evaluation: dict) -> dict[str, float]:
+    """Test top-1 per combiner ("KL combiner", "within-subset combiner", ...) at the run's first top_n,
+    from a combine stage's eval.json."""
+    return {r["system"].split(",")[0]: r["test_top1"] for r in evaluation["table3"]
+            if r["system"].endswith(f"top_n={evaluation['top_n']}")}
+
+
 def machine() -> dict:
     """CPU model, cores, memory, GPU, torch version: enough to tell whose numbers these are."""
     cpu = platform.processor()

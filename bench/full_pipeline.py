@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import write_results
+from common import combiner_top1, write_results
 from ensemble.config import load_config
 from ensemble.pipeline import STAGES, run_pipeline
 from ensemble.rundir import Manifest, read_json
@@ -60,8 +60,7 @@ def run_row(name: str, seed: int, run_dir: Path) -> dict:
     report = read_json(run_dir / "distill_back" / "report.json")
     evaluation = read_json(run_dir / "combine" / "eval.json")
     baselines = {r["budget"]: r for r in read_json(run_dir / "baselines" / "report.json")["baselines"]}
-    table3 = {r["system"].split(",")[0]: r["test_top1"] for r in evaluation["table3"]
-              if r["system"].endswith(f"top_n={evaluation['top_n']}")}
+    table3 = combiner_top1(evaluation)
     return {
         "config": name, "seed": seed,
         "generalist": report["generalist_top1"], "ensemble": report["ensemble_top1"],

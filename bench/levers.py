@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import finished_run, write_results
+from common import combiner_top1, finished_run, write_results
 from ensemble.config import load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
@@ -86,8 +86,7 @@ def main() -> None:
 
 def _row(lever: str, overrides: list[str], run_dir: Path, n_train: int) -> dict:
     evaluation = read_json(run_dir / "combine" / "eval.json")
-    table3 = {r["system"].split(",")[0]: r["test_top1"] for r in evaluation["table3"]
-              if r["system"].endswith(f"top_n={evaluation['top_n']}")}
+    table3 = combiner_top1(evaluation)
     specialists = Manifest(run_dir).get("specialists")
     _, special = training_examples(run_dir)
     return {
