@@ -1,7 +1,8 @@
 """What each lever does to the ensemble, on one finished run of bench/full_pipeline.py, one lever at a time.
 
-    python bench/levers.py [--source default/s0] [--levers reference full_softmax ...] [--fresh]
+    python bench/levers.py [--source default/s0] [--base key=value ...] [--levers reference full_softmax ...] [--fresh]
 
+The reference is the source run's config with the `--base` overrides; each lever adds its own to it.
 Each lever copies bench/runs/full/SOURCE (without its baselines, combine and distill_back folders) into
 bench/runs/levers/SOURCE/LEVER and runs the cluster, specialists and combine stages with the lever's
 overrides; a stage the lever does not touch is done already and skipped, so every lever starts from the
@@ -12,17 +13,19 @@ within-subset combiner (the first `combine.top_n`), each one's change against th
 specialists' conditional top-1 gain, their training compute in epochs of the generalist, and the
 specialists stage's wall minutes. A rerun resumes: finished levers are read back, not trained again.
 Results go to bench/results/levers_SOURCE.{json,md} ("/" in SOURCE
-becomes "_").
+becomes "_"); the rows of levers not named in `--levers` are kept from the file's earlier results for the
+same source and base.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from common import combiner_top1, finished_run, write_results
+from common import RESULTS, combiner_top1, finished_run, write_results
 from ensemble.config import load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
@@ -43,6 +46,8 @@ LEVERS = {  # name: overrides of the source run's config
     "correction_on_validation": ["specialists.dustbin_correction=validation"],
     "skip_largest": ["specialists.skip_largest=1"],
     "wider_x2": ["specialists.width={2w}"],
+    "own_head": ["specialists.head_hidden={8w}"],
+    "shared_trunk": ["specialists.freeze_trunk=true", "specialists.head_hidden={8w}"],
     "overlapping_epochs_x2": ["cluster.shape=overlapping", "specialists.train.epochs={2e}"],
     "no_selection": ["specialists.select_on_validation=false"],
 }
@@ -51,14 +56,15 @@ LEVERS = {  # name: overrides of the source run's config
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="default/s0", help="a run in bench/runs/full (bench/full_pipeline.py made it)")
+    p.add_argument("--base", nargs="*", default=[], metavar="key=value", help="the reference's overrides")
     p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     p.add_argument("--fresh", action="store_true", help="redo the levers whose runs exist (else they resume)")
     args = p.parse_args()
     os.chdir(ROOT)  # the configs name their data relative to the repository root
     source = finished_run(args.source)
-    source_cfg = load_config(source / "config.yaml")
-    sizes = {"2e": 2 * source_cfg.specialists.train.epochs, "e/2": max(1, source_cfg.specialists.train.epochs // 2),
-             "2w": 2 * source_cfg.generalist.net.width}
+    base = load_config(source / "config.yaml", args.base)
+    sizes = {"2e": 2 * base.specialists.train.epochs, "e/2": max(1, base.specialists.train.epochs // 2),
+             "2w": 2 * base.generalist.net.width, "8w": 8 * base.generalist.net.width}
     rows = []
     for lever in args.levers:
         overrides = [o.format(**sizes) for o in LEVERS[lever]]
@@ -69,19 +75,31 @@ def main() -> None:
             shutil.copytree(source, run_dir, ignore=lambda folder, names: ["baselines", "combine", "distill_back"]
                             if folder == str(source) else [])
         cfg = load_config(source / "config.yaml", [f"runs_dir={run_dir.parent}", f"name={lever}",
-                                                   "baselines.budgets=[]", *overrides])
+                                                   "baselines.budgets=[]", *args.base, *overrides])
         for stage in ("cluster", "specialists", "baselines", "combine"):
             run_pipeline(cfg, only=stage)
         rows.append(_row(lever, overrides, run_dir, len(load_data(cfg.data).x_train)))
         print(f"{lever}: done", file=sys.stderr, flush=True)
+    name = f"levers_{args.source.replace('/', '_')}"
+    meta = {"source": str(source.relative_to(ROOT)), "base": args.base}
+    rows = _with_earlier_rows(rows, RESULTS / f"{name}.json", meta)
     reference = next((r for r in rows if r["lever"] == "reference"), None)
     for row in rows:
         for key in ("kl", "within_subset"):
             row[f"{key}_vs_reference"] = None if reference is None else row[key] - reference[key]
     evaluation = read_json(source / "combine" / "eval.json")
     baselines = {r["rival"]: r["rival_top1"] for r in evaluation["comparisons"]}
-    write_results(f"levers_{args.source.replace('/', '_')}", rows,
-                  {"source": str(source.relative_to(ROOT)), "source_rivals": baselines})
+    write_results(name, rows, {**meta, "source_rivals": baselines})
+
+
+def _with_earlier_rows(rows: list[dict], path: Path, meta: dict) -> list[dict]:
+    """`rows` and, for the levers they lack, the rows of the earlier results at `path` if they were
+    measured on the same source and base; in the order of LEVERS."""
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    done = {r["lever"] for r in rows}
+    if all(earlier.get(k) == v for k, v in meta.items()):
+        rows = rows + [r for r in earlier.get("rows", []) if r["lever"] not in done and r["lever"] in LEVERS]
+    return sorted(rows, key=lambda r: list(LEVERS).index(r["lever"]))
 
 
 def _row(lever: str, overrides: list[str], run_dir: Path, n_train: int) -> dict:

@@ -111,6 +111,8 @@ class SpecialistsConfig:
     dustbin_correction: Literal["prior", "none", "validation"] = "prior"  # the shift of the dustbin logit:
     #   the prior ratio's, none, or per specialist whichever of the two has the lower validation NLL
     freeze_trunk: bool = False  # train the head alone on the generalist's features
+    head_hidden: int = 0  # a hidden ReLU layer of this many units in each specialist's head, added to the
+    #   linear head and starting with no effect; with freeze_trunk: capacity of its own on a shared trunk
     width: int | None = None  # the specialists' net width (null: the generalist's); wider ones start as the
     #   generalist widened, their new units with no effect on the output until trained
     skip_largest: int = 0  # give the largest subsets (K-means' "rarely confused" catch-all) no specialist

@@ -20,7 +20,7 @@ from ensemble.rundir import load_tensors, read_json
 from ensemble.train import resolve_device
 
 from .combine import Method, active_specialists, combine
-from .model import FullSoftmax, collapse
+from .model import FullSoftmax, collapse, with_own_head
 
 
 class Combiner:
@@ -92,7 +92,8 @@ def load_ensemble(run_dir: Path, cfg: Config) -> tuple[nn.Module, list[nn.Module
         if not path.is_file():
             raise FileNotFoundError(f"specialist {m} of {run_dir} is missing ({path}): rerun `ensemble run`")
         full = cfg.specialists.head == "full"
-        net = build_net(specialist_net_config(cfg), shape, info["num_classes"] if full else len(subset) + 1)
+        net = with_own_head(build_net(specialist_net_config(cfg), shape, info["num_classes"] if full else len(subset) + 1),
+                            cfg.specialists.head_hidden)
         load_weights(net, load_tensors(path), f"the specialist's weights {path}")
         specialists.append(FullSoftmax(net, torch.tensor(subset)) if full else net)
     return generalist, specialists, subsets

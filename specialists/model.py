@@ -107,6 +107,33 @@ def outside_distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teache
     return hard + soft
 
 
+class ResidualHead(nn.Linear):
+    """A specialist's capacity of its own on top of the trunk: the linear head plus a hidden ReLU layer,
+    z = W h + b + V relu(U h + c). V starts at zero, so the head starts out computing what the linear one
+    did; with a frozen trunk every specialist shares the generalist's features and owns only this head."""
+
+    def __init__(self, linear: nn.Linear, hidden: int):
+        super().__init__(linear.in_features, linear.out_features, device=linear.weight.device,
+                         dtype=linear.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(linear.weight)
+            self.bias.copy_(linear.bias)
+        self.hidden = nn.Linear(linear.in_features, hidden, device=linear.weight.device, dtype=linear.weight.dtype)
+        self.out = nn.Linear(hidden, linear.out_features, bias=False, device=linear.weight.device,
+                             dtype=linear.weight.dtype)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight, self.bias) + self.out(F.relu(self.hidden(h)))
+
+
+def with_own_head(net: Net, hidden: int) -> Net:
+    """`net` with its head made a `ResidualHead` of `hidden` units (unchanged if `hidden` is 0), in place."""
+    if hidden:
+        net.head = ResidualHead(net.head, hidden)
+    return net
+
+
 @torch.no_grad()
 def widen(narrow: Net, wide: Net) -> Net:
     """`wide` (the same net with wider layers, freshly initialised) made to compute what `narrow` does:

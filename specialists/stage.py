@@ -81,8 +81,9 @@ def check(cfg: Config) -> None:
     if width is not None and width < cfg.generalist.net.width:
         raise ValueError(f"specialists.width {width} is below the generalist's width {cfg.generalist.net.width}: "
                          "specialists start as the generalist, widened")
-    if cfg.specialists.skip_largest < 0:
-        raise ValueError(f"specialists.skip_largest must be >= 0, got {cfg.specialists.skip_largest}")
+    for key in ("skip_largest", "head_hidden"):
+        if getattr(cfg.specialists, key) < 0:
+            raise ValueError(f"specialists.{key} must be >= 0, got {getattr(cfg.specialists, key)}")
 
 
 def skip_largest(subsets: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -29,6 +29,7 @@ from .model import (
     outside_distillation_loss,
     specialist_net,
     widen,
+    with_own_head,
 )
 from .sampling import local_labels, subset_sampler
 
@@ -74,15 +75,16 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
         sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
         features = trunk_outputs(generalist, x[sample], device, batch)
         net = specialist_net(generalist, subset, features)
-        start = copy.deepcopy(net)
         init_kl = dustbin_kl(features, generalist, net, subset)
         targets, loss_fn = y_local, None
     else:  # §6.1: the full softmax, its classes outside S learnt from the generalist's soft targets
-        net, start, init_kl = copy.deepcopy(generalist), FullSoftmax(copy.deepcopy(generalist), subset), 0.0
+        net, init_kl = copy.deepcopy(generalist), 0.0
         teacher = predict_logits(generalist, x, device=device, batch_size=batch).log_softmax(dim=1)
-        outside = start.outside.to(device)
+        outside = FullSoftmax(net, subset).outside.to(device)  # the classes outside S
         targets = (y, teacher)
         loss_fn = lambda z, t: outside_distillation_loss(z, t[0], t[1], outside)  # noqa: E731
+    net = with_own_head(net, cfg.specialists.head_hidden)
+    start = copy.deepcopy(net) if cfg.specialists.head == "dustbin" else FullSoftmax(copy.deepcopy(net), subset)
 
     if cfg.specialists.freeze_trunk:
         freeze_trunk(net)

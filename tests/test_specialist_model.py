@@ -281,3 +281,46 @@ def test_wider_specialists_train_and_load_as_the_ensemble(upstream, tmp_path):
     assert all(net.head.in_features == 96 for net in nets) and generalist.head.in_features == 64
     with pytest.raises(ValueError, match="below the generalist's width"):
         run_pipeline(specialists_run(upstream, tmp_path, "specialists.width=32", name="narrow"))
+
+
+def test_a_residual_head_starts_as_the_linear_head_and_learns_its_own_layer():
+    from specialists.model import ResidualHead
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 4)
+    head = ResidualHead(linear, hidden=5)
+    h = torch.randn(8, 6)
+    torch.testing.assert_close(head(h), linear(h), rtol=0, atol=0)
+    head(h).square().sum().backward()
+    assert head.out.weight.grad.abs().sum() > 0  # the zero output layer gets a gradient, so it grows
+    with torch.no_grad():
+        head.out.weight.fill_(0.1)
+    expected = linear(h) + 0.1 * torch.relu(h @ head.hidden.weight.T + head.hidden.bias).sum(dim=1, keepdim=True)
+    torch.testing.assert_close(head(h), expected)
+
+
+@pytest.mark.parametrize("head", ["dustbin", "full"])
+def test_specialists_with_their_own_head_on_a_shared_trunk_train_and_load_as_the_ensemble(upstream, tmp_path, head):
+    """specialists.head_hidden with freeze_trunk: the trunk stays the generalist's; the saved head holds a
+    trained hidden layer, and the ensemble rebuilds it."""
+    from conftest import specialists_run
+
+    from ensemble.pipeline import run_pipeline
+    from ensemble.rundir import load_tensors
+    from specialists.combiner import load_ensemble
+    from specialists.model import FullSoftmax, ResidualHead
+
+    cfg = specialists_run(upstream, tmp_path, "specialists.head_hidden=16", "specialists.freeze_trunk=true",
+                          f"specialists.head={head}", "specialists.select_on_validation=false")
+    run_pipeline(cfg, only="specialists")
+    generalist, nets, subsets = load_ensemble(cfg.run_dir, cfg)
+    for net, subset in zip(nets, subsets):
+        inner = net.net if isinstance(net, FullSoftmax) else net
+        assert isinstance(inner.head, ResidualHead) and inner.head.hidden.out_features == 16
+        assert inner.head.out.weight.abs().sum() > 0
+        for key, value in generalist.trunk.state_dict().items():
+            torch.testing.assert_close(inner.trunk.state_dict()[key], value, rtol=0, atol=0)
+    saved = load_tensors(cfg.run_dir / "specialists" / "m000" / "model.safetensors")
+    assert {"head.hidden.weight", "head.out.weight"} <= set(saved)
+    with pytest.raises(ValueError, match="head_hidden must be >= 0"):
+        run_pipeline(specialists_run(upstream, tmp_path, "specialists.head_hidden=-1", name="negative"))
