@@ -10,7 +10,7 @@ same generalist. The baselines are not retrained (`baselines.budgets=[]`): compa
 source run's generalists trained as long as the ensemble (in the JSON's `source_rivals`), minding the
 row's own specialist compute. Per lever: test top-1 of the ensemble with the KL combiner and with the
 within-subset combiner (the first `combine.top_n`), each one's change against the reference, the
-specialists' conditional top-1 gain, their training compute in epochs of the generalist, and the
+specialists' conditional top-1 gain, their training in passes over the training set, and the
 specialists stage's wall minutes. A rerun resumes: finished levers are read back, not trained again.
 Results go to bench/results/levers_SOURCE.{json,md} ("/" in SOURCE
 becomes "_"); the rows of levers not named in `--levers` are kept from the file's earlier results for the
@@ -69,8 +69,8 @@ def main() -> None:
     for lever in args.levers:
         overrides = [o.format(**sizes) for o in LEVERS[lever]]
         run_dir = ROOT / "bench" / "runs" / "levers" / args.source / lever
-        if args.fresh:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if args.fresh or (run_dir.exists() and _generalist(run_dir) != _generalist(source)):
+            shutil.rmtree(run_dir, ignore_errors=True)  # (a lever of another source's generalist is redone)
         if not run_dir.exists():  # else the pipeline skips the stages that are done
             shutil.copytree(source, run_dir, ignore=lambda folder, names: ["baselines", "combine", "distill_back"]
                             if folder == str(source) else [])
@@ -81,7 +81,7 @@ def main() -> None:
         rows.append(_row(lever, overrides, run_dir, len(load_data(cfg.data).x_train)))
         print(f"{lever}: done", file=sys.stderr, flush=True)
     name = f"levers_{args.source.replace('/', '_')}"
-    meta = {"source": str(source.relative_to(ROOT)), "base": args.base}
+    meta = {"source": str(source.relative_to(ROOT)), "generalist": _generalist(source), "base": args.base}
     rows = _with_earlier_rows(rows, RESULTS / f"{name}.json", meta)
     reference = next((r for r in rows if r["lever"] == "reference"), None)
     for row in rows:
@@ -92,9 +92,14 @@ def main() -> None:
     write_results(name, rows, {**meta, "source_rivals": baselines})
 
 
+def _generalist(run_dir: Path) -> str:
+    """The content hash of a run's generalist weights: levers compare only on the same one."""
+    return Manifest(run_dir).get("generalist")["outputs"]["model.safetensors"]
+
+
 def _with_earlier_rows(rows: list[dict], path: Path, meta: dict) -> list[dict]:
     """`rows` and, for the levers they lack, the rows of the earlier results at `path` if they were
-    measured on the same source and base; in the order of LEVERS."""
+    measured on the same source, generalist and base; in the order of LEVERS."""
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     done = {r["lever"] for r in rows}
     if all(earlier.get(k) == v for k, v in meta.items()):

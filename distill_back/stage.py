@@ -20,7 +20,7 @@ from ensemble.data import Data, load_data
 from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
 from ensemble.train import fit, predict_logits, resolve_device
-from generalist.baselines import load_baseline, training_examples
+from generalist.baselines import baseline_rows, load_baseline, training_compute
 from specialists import Combiner, active_specialists
 from specialists.combiner import load_ensemble
 
@@ -50,16 +50,19 @@ def run(run_dir: Path, cfg: Config) -> dict:
     teachers = {"student": (combiner.predict_proba, out)}
     if dcfg.control:  # self-distillation: tells the ensemble's knowledge from the effect of distillation itself
         teachers["self-distilled (control)"] = (generalist_proba, out / "control")
-    general, special = training_examples(run_dir)
+    # training compute in epochs at the generalist's cost per example; a teacher's counts for its student
+    general, special = training_compute(run_dir, cfg, data)
     n = len(data.x_train)
     models = {"generalist": (generalist, general / n), "ensemble": (combiner, (general + sum(special)) / n)}
+    base = multiply_adds(generalist, data.input_shape)
     histories = {}
     for name, (predict_proba, folder) in teachers.items():
         student, history = train_student(cfg, data, generalist, predict_proba, folder, device, name)
-        teacher_examples = general + (sum(special) if name == "student" else 0)
-        models[name] = (student, (teacher_examples + sum(r["examples"] for r in history)) / n)
+        teacher = general + (sum(special) if name == "student" else 0)
+        own = sum(r["examples"] for r in history) * multiply_adds(student, data.input_shape) / base
+        models[name] = (student, (teacher + own) / n)
         histories[name] = history
-    for row in sorted(read_json(run_dir / "baselines" / "report.json")["baselines"], key=lambda r: r["epochs"]):
+    for row in baseline_rows(run_dir):
         models[f"{row['system']} ({row['epochs']} epochs)"] = (
             load_baseline(run_dir, cfg, data, row["budget"]), row["epochs"])
 
@@ -121,7 +124,7 @@ def make_student(cfg: Config, data: Data, generalist: Net) -> Net:
 
 
 def report_markdown(rows: list[dict], summary: dict) -> str:
-    lines = ["| system | test top-1 | test NLL | training epochs | parameters | multiply-adds per example | "
+    lines = ["| system | test top-1 | test NLL | training compute (generalist epochs) | parameters | multiply-adds per example | "
              "examples/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['system']} | {r['test_top1']:.2%} | {r['test_nll']:.4f} | {r['train_epochs']:.1f} | "
               f"{r['parameters']:,} | {r['multiply_adds']:,.0f} | {r['examples_per_s']:,.0f} |" for r in rows]

@@ -6,7 +6,8 @@ that the ensemble's gain is not just more training.
   every specialist has a worker of its own.
 
 Compute is counted in training examples, weighted by each net's multiply-adds per example relative to
-the generalist's; a budget is rounded up to whole epochs, so a baseline never trains for less.
+the generalist's; a budget is rounded up to whole epochs of the examples an epoch trains on (the last
+partial batch is dropped), so a baseline never trains for less.
 """
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ from ensemble.config import Config
 from ensemble.cost import multiply_adds
 from ensemble.data import Data, load_data
 from ensemble.nets import Net, build_net, load_weights
-from ensemble.rundir import load_tensors, save_tensors, write_json
+from ensemble.rundir import load_tensors, read_json, save_tensors, write_json
 from ensemble.train import classification_metrics, predict_logits, resolve_device
 from specialists.combiner import load_ensemble
 
 from .stage import train_generalist
 
 NAME = "baselines"
-BUDGETS = ("compute", "wall_clock")
 TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist"}
 
 
@@ -38,7 +38,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg.data)
     device = resolve_device(cfg.device)
-    epochs = budget_epochs(run_dir, cfg, data)
+    general, specialists = training_compute(run_dir, cfg, data)
+    batch = cfg.generalist.train.batch_size
+    epochs = budgets(general, specialists, len(data.x_train) // batch * batch)
     rows = []
     for name in cfg.baselines.budgets:
         train = dataclasses.replace(cfg.generalist.train, epochs=math.ceil(epochs[name] - 1e-9))
@@ -56,28 +58,36 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 
 def check(cfg: Config) -> None:
-    """`baselines.budgets` names known budgets, each once."""
+    """`baselines.budgets` names each budget once (the config checks the names)."""
     budgets = cfg.baselines.budgets
-    if len(set(budgets)) != len(budgets) or not set(budgets) <= set(BUDGETS):
-        raise ValueError(f"baselines.budgets must be distinct names from {list(BUDGETS)}, got {budgets}")
+    if len(set(budgets)) != len(budgets):
+        raise ValueError(f"baselines.budgets must be distinct, got {budgets}")
 
 
-def budget_epochs(run_dir: Path, cfg: Config, data: Data) -> dict[str, float]:
-    """Each budget in passes over the training set at the generalist's cost per example."""
+def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[str, float]:
+    """Each budget in epochs of `per_epoch` examples, from the training compute of the generalist and of
+    each specialist (in examples at the generalist's cost): all the specialists' for `compute`, the
+    largest one's for `wall_clock`."""
+    return {"compute": (general + sum(specialists)) / per_epoch,
+            "wall_clock": (general + max(specialists, default=0)) / per_epoch}
+
+
+def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[float]]:
+    """The training examples of the generalist, and each specialist's weighted by its multiply-adds per
+    example relative to the generalist's: the training compute in examples at the generalist's cost."""
     general, specialists = training_examples(run_dir)
     generalist, nets, _ = load_ensemble(run_dir, cfg)
     base = multiply_adds(generalist, data.input_shape)
-    weighted = [n * multiply_adds(net, data.input_shape) / base for n, net in zip(specialists, nets)]
-    n = len(data.x_train)
-    return {"compute": (general + sum(weighted)) / n, "wall_clock": (general + max(weighted, default=0)) / n}
+    return general, [n * multiply_adds(net, data.input_shape) / base for n, net in zip(specialists, nets, strict=True)]
 
 
 def training_examples(run_dir: Path) -> tuple[int, list[int]]:
-    """The training examples the generalist and each specialist processed (their `metrics.jsonl`)."""
+    """The training examples the generalist and each specialist processed (their `metrics.jsonl`), the
+    specialists in head order."""
     run_dir = Path(run_dir)
-    folders = sorted((run_dir / "specialists").glob("m[0-9]*"))
+    count = len(read_json(run_dir / "specialists" / "subsets.json")["subsets"])
     return (examples(run_dir / "generalist" / "metrics.jsonl"),
-            [examples(folder / "metrics.jsonl") for folder in folders])
+            [examples(run_dir / "specialists" / f"m{m:03d}" / "metrics.jsonl") for m in range(count)])
 
 
 def examples(history: Path) -> int:
@@ -87,6 +97,13 @@ def examples(history: Path) -> int:
         raise ValueError(f"{history} does not count its training examples (an older version wrote it): "
                          f"rerun that stage")
     return sum(r["examples"] for r in rows)
+
+
+def baseline_rows(run_dir: Path) -> list[dict]:
+    """The baselines stage's report rows, shortest training first; on a tie the equal-compute one last,
+    as the bar the verdict names."""
+    rows = read_json(Path(run_dir) / NAME / "report.json")["baselines"]
+    return sorted(rows, key=lambda r: (r["epochs"], r["budget"] == "compute"))
 
 
 def load_baseline(run_dir: Path, cfg: Config, data: Data, budget: str) -> Net:

@@ -20,8 +20,9 @@ import torch
 
 from ensemble.config import Config
 from ensemble.data import load_data
-from ensemble.rundir import load_tensors, read_json, write_json, write_text
+from ensemble.rundir import load_tensors, write_json, write_text
 from ensemble.train import predict_logits, resolve_device
+from generalist.baselines import baseline_rows
 
 from .combine import active_specialists, combine
 from .combiner import load_ensemble
@@ -69,7 +70,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     headline = table3[1]
     ensemble_right = systems[headline["system"]][0].argmax(dim=1) == labels
     rivals = {"generalist": (p_general.argmax(dim=1) == labels, table3[0]["test_top1"])}
-    for row in sorted(read_json(run_dir / "baselines" / "report.json")["baselines"], key=lambda r: r["epochs"]):
+    for row in baseline_rows(run_dir):
         pred = load_tensors(run_dir / "baselines" / row["budget"] / "predictions.safetensors")["test_pred"]
         rivals[f"{row['system']} ({row['epochs']} epochs)"] = (pred == labels, row["test_top1"])
     verdict = compare(ensemble_right, rivals)

@@ -1,5 +1,6 @@
 """The distill_back stage on a tiny run: soft targets, the student, the report, resuming, bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,11 +8,13 @@ from conftest import SPECIALISTS_TINY, specialists_run
 
 import distill_back.stage
 from ensemble.config import load_config
+from ensemble.cost import multiply_adds
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import load_tensors
 from ensemble.train import predict_logits
 from specialists import Combiner
+from specialists.combiner import load_ensemble
 
 OPTIONS = ["distill_back.augmented_copies=1", "distill_back.temperature=3"]
 
@@ -53,16 +56,21 @@ def test_report_counts_compute_and_the_baselines_get_it(distilled):
     student = examples(run / "distill_back" / "metrics.jsonl")
     control = examples(run / "distill_back" / "control" / "metrics.jsonl")
     assert student == control == 2 * (2 * n // 128 * 128)  # 2 epochs over the doubled transfer set
+    # compute in examples at the generalist's cost: a specialist's weighted by its multiply-adds
+    generalist, nets, _ = load_ensemble(run, distilled)
+    base = multiply_adds(generalist, data.input_shape)
+    weighted = [e * multiply_adds(net, data.input_shape) / base for e, net in zip(special, nets)]
+    assert all(0.9 < w / e < 1 for w, e in zip(weighted, special))  # the specialists' heads are smaller
     assert rows["generalist"]["train_epochs"] == pytest.approx(general / n)
-    assert rows["student"]["train_epochs"] == pytest.approx((general + sum(special) + student) / n)
+    assert rows["ensemble"]["train_epochs"] == pytest.approx((general + sum(weighted)) / n)
+    assert rows["student"]["train_epochs"] == pytest.approx((general + sum(weighted) + student) / n)
     assert rows["self-distilled (control)"]["train_epochs"] == pytest.approx((general + control) / n)
-    # the baselines: whole epochs covering the generalist's and all (or the longest) specialists' examples, up
-    # to the specialists' slightly smaller heads (multiply-adds per example within 2% of the generalist's)
-    for title, spent in (("equal-compute", sum(special)), ("equal-wall-clock", max(special))):
-        low, high = (general + 0.98 * spent) / n, (general + spent) / n
+    # the baselines: the fewest whole epochs (of the examples an epoch trains on) covering that compute
+    per_epoch = n // distilled.generalist.train.batch_size * distilled.generalist.train.batch_size
+    for title, spent in (("equal-compute", sum(weighted)), ("equal-wall-clock", max(weighted))):
         (name, row), = [(k, r) for k, r in rows.items() if k.startswith(title)]
         epochs = int(name.split("(")[1].split()[0])
-        assert epochs == row["train_epochs"] and low <= epochs < high + 1
+        assert epochs == row["train_epochs"] == math.ceil((general + spent) / per_epoch)
         folder = run / "baselines" / ("compute" if title == "equal-compute" else "wall_clock")
         assert len((folder / "metrics.jsonl").read_text().splitlines()) == epochs
         assert row["parameters"] == rows["generalist"]["parameters"]
@@ -87,6 +95,15 @@ def test_rerun_of_an_interrupted_stage_reuses_the_soft_targets(distilled, tmp_pa
     monkeypatch.setattr(distill_back.stage, "soft_targets", lambda *a, **k: pytest.fail("recomputed"))
     run_pipeline(cfg)
     assert (stage / "report.json").is_file()
+
+
+def test_other_baselines_rerun_the_stage_that_reports_them(distilled, tmp_path):
+    import shutil
+    shutil.copytree(distilled.run_dir, tmp_path / "r")
+    run_pipeline(_cfg(tmp_path, *OPTIONS, "baselines.budgets=[compute]"))
+    report = json.loads((tmp_path / "r" / "distill_back" / "report.json").read_text())
+    baselines = [r["system"] for r in report["systems"] if r["system"].startswith("equal-")]
+    assert len(baselines) == 1 and baselines[0].startswith("equal-compute generalist")
 
 
 def test_the_control_learns_the_generalists_own_predictions(distilled):
