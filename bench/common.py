@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine it ran on, and writing its JSON and markdown table."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -36,6 +37,23 @@ def finished_run(source: str) -> Path:
         sys.exit(f"{path} has no finished evaluation: run `python bench/full_pipeline.py --configs "
                  f"{source.split('/')[0]}`")
     return path
+
+
+def stage_hash(run_dir: Path, stage: str) -> str:
+    """A hash of what a run's stage wrote (its recorded output hashes): equal for runs that share it."""
+    outputs = json.loads((Path(run_dir) / "manifest.json").read_text())["stages"][stage]["outputs"]
+    return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def merge_rows(rows: list[dict], path: Path, meta: dict, key: str, order: list[str]) -> list[dict]:
+    """`rows` and, for the `key`s they lack, the rows of the earlier results at `path` if they were
+    measured under the same `meta` (source run, settings); in the order of `order`. Lets a bench rerun
+    some rows and keep the others."""
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    done = {r[key] for r in rows}
+    if all(earlier.get(k) == v for k, v in meta.items()):
+        rows = rows + [r for r in earlier.get("rows", []) if r[key] not in done and r[key] in order]
+    return sorted(rows, key=lambda r: order.index(r[key]))
 
 
 def combiner_top1(evaluation: dict) -> dict[str, float]:

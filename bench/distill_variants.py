@@ -8,7 +8,8 @@ every variant distils the same generalist and specialists. Per variant: test top
 student, the share of the ensemble's gain it keeps, its training examples in passes over the training
 set, and its minutes; the reference and the
 wide student also train the self-distilled control (the other variants skip it, to save time). Results go
-to bench/results/distill_variants_SOURCE.{json,md} ("/" in SOURCE becomes "_").
+to bench/results/distill_variants_SOURCE.{json,md} ("/" in SOURCE becomes "_"); the rows of variants not
+named in `--variants` are kept from the file's earlier results for the same generalist and specialists.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import finished_run, write_results
+from common import RESULTS, finished_run, merge_rows, stage_hash, write_results
 from ensemble.config import load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
@@ -35,6 +36,8 @@ VARIANTS = {  # name: overrides of the source run's config
     "scratch": ["distill_back.init=scratch", "distill_back.train.epochs=12", "distill_back.train.lr=2e-3",
                 "distill_back.train.warmup_epochs=0.5"],
     "augmented_copy": ["distill_back.augmented_copies=1"],
+    # the generalist's own net, trained as long as the generalist was (30 epochs) at a higher temperature
+    "long_student": ["distill_back.train.epochs=30", "distill_back.temperature=4"],
     # for the default config (an MLP of 8 units): a student twice as wide, about the ensemble's inference cost
     "wide_student": ["distill_back.net={name: mlp, width: 16, depth: 1}", "distill_back.init=scratch",
                      "distill_back.train.epochs=30", "distill_back.train.lr=2e-3", "distill_back.train.warmup_epochs=0.5"],
@@ -60,7 +63,10 @@ def main() -> None:
         summary = run_pipeline(cfg, only="distill_back")["distill_back"]
         rows.append(_row(variant, run_dir, summary, len(load_data(cfg.data).x_train)))
         print(f"{variant}: done", file=sys.stderr, flush=True)
-    write_results(f"distill_variants_{args.source.replace('/', '_')}", rows, {"source": str(source.relative_to(ROOT))})
+    name = f"distill_variants_{args.source.replace('/', '_')}"
+    meta = {"source": str(source.relative_to(ROOT)),
+            **{stage: stage_hash(source, stage) for stage in ("generalist", "specialists")}}
+    write_results(name, merge_rows(rows, RESULTS / f"{name}.json", meta, "variant", list(VARIANTS)), meta)
 
 
 def _row(variant: str, run_dir: Path, summary: dict, n_train: int) -> dict:

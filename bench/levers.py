@@ -19,13 +19,12 @@ same source and base.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from common import RESULTS, combiner_top1, finished_run, write_results
+from common import RESULTS, combiner_top1, finished_run, merge_rows, stage_hash, write_results
 from ensemble.config import load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
@@ -69,7 +68,7 @@ def main() -> None:
     for lever in args.levers:
         overrides = [o.format(**sizes) for o in LEVERS[lever]]
         run_dir = ROOT / "bench" / "runs" / "levers" / args.source / lever
-        if args.fresh or (run_dir.exists() and _generalist(run_dir) != _generalist(source)):
+        if args.fresh or (run_dir.exists() and stage_hash(run_dir, "generalist") != stage_hash(source, "generalist")):
             shutil.rmtree(run_dir, ignore_errors=True)  # (a lever of another source's generalist is redone)
         if not run_dir.exists():  # else the pipeline skips the stages that are done
             shutil.copytree(source, run_dir, ignore=lambda folder, names: ["baselines", "combine", "distill_back"]
@@ -81,8 +80,8 @@ def main() -> None:
         rows.append(_row(lever, overrides, run_dir, len(load_data(cfg.data).x_train)))
         print(f"{lever}: done", file=sys.stderr, flush=True)
     name = f"levers_{args.source.replace('/', '_')}"
-    meta = {"source": str(source.relative_to(ROOT)), "generalist": _generalist(source), "base": args.base}
-    rows = _with_earlier_rows(rows, RESULTS / f"{name}.json", meta)
+    meta = {"source": str(source.relative_to(ROOT)), "generalist": stage_hash(source, "generalist"), "base": args.base}
+    rows = merge_rows(rows, RESULTS / f"{name}.json", meta, "lever", list(LEVERS))
     reference = next((r for r in rows if r["lever"] == "reference"), None)
     for row in rows:
         for key in ("kl", "within_subset"):
@@ -90,21 +89,6 @@ def main() -> None:
     evaluation = read_json(source / "combine" / "eval.json")
     baselines = {r["rival"]: r["rival_top1"] for r in evaluation["comparisons"]}
     write_results(name, rows, {**meta, "source_rivals": baselines})
-
-
-def _generalist(run_dir: Path) -> str:
-    """The content hash of a run's generalist weights: levers compare only on the same one."""
-    return Manifest(run_dir).get("generalist")["outputs"]["model.safetensors"]
-
-
-def _with_earlier_rows(rows: list[dict], path: Path, meta: dict) -> list[dict]:
-    """`rows` and, for the levers they lack, the rows of the earlier results at `path` if they were
-    measured on the same source, generalist and base; in the order of LEVERS."""
-    earlier = json.loads(path.read_text()) if path.is_file() else {}
-    done = {r["lever"] for r in rows}
-    if all(earlier.get(k) == v for k, v in meta.items()):
-        rows = rows + [r for r in earlier.get("rows", []) if r["lever"] not in done and r["lever"] in LEVERS]
-    return sorted(rows, key=lambda r: list(LEVERS).index(r["lever"]))
 
 
 def _row(lever: str, overrides: list[str], run_dir: Path, n_train: int) -> dict:

@@ -111,7 +111,7 @@ class SpecialistsConfig:
     dustbin_correction: Literal["prior", "none", "validation"] = "prior"  # the shift of the dustbin logit:
     #   the prior ratio's, none, or per specialist whichever of the two has the lower validation NLL
     freeze_trunk: bool = False  # train the head alone on the generalist's features
-    head_hidden: int = 0  # a hidden ReLU layer of this many units in each specialist's head, added to the
+    head_hidden: int = field(default=0, metadata={"neutral": 0})  # a hidden ReLU layer of this many units in each specialist's head, added to the
     #   linear head and starting with no effect; with freeze_trunk: capacity of its own on a shared trunk
     width: int | None = None  # the specialists' net width (null: the generalist's); wider ones start as the
     #   generalist widened, their new units with no effect on the output until trained
@@ -228,9 +228,17 @@ def to_dict(cfg: Any) -> dict:
 
 
 def config_hash(*parts: Any) -> str:
-    """A stable hash of config sections (dataclasses or plain values)."""
-    plain = json.dumps(parts, sort_keys=True, default=lambda o: to_dict(o) if dataclasses.is_dataclass(o) else str(o))
+    """A stable hash of config sections (dataclasses or plain values). A field at its `neutral` value
+    (field metadata: the value that does what the code did before the field existed) is left out, so
+    that adding an option leaves the runs made before it done."""
+    plain = json.dumps(parts, sort_keys=True, default=lambda o: _hashed(o) if dataclasses.is_dataclass(o) else str(o))
     return hashlib.sha256(plain.encode()).hexdigest()[:16]
+
+
+def _hashed(section: Any) -> dict:
+    """A dataclass's fields for its hash, those at their neutral value left out."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if not ("neutral" in f.metadata and getattr(section, f.name) == f.metadata["neutral"])}
 
 
 def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:

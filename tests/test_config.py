@@ -68,6 +68,18 @@ def test_round_trip_and_hash():
     assert config_hash(cfg.generalist) != config_hash(load_config(None, ["generalist.train.lr=0.5"]).generalist)
 
 
+def test_an_option_at_its_neutral_value_leaves_the_hash_as_before_the_option_existed():
+    """specialists.head_hidden came after runs existed: at 0 it hashes as a section without it."""
+    import dataclasses
+    import json
+
+    section = load_config().specialists
+    before = {k: v for k, v in dataclasses.asdict(section).items() if k != "head_hidden"}
+    assert config_hash(section) == config_hash(before)
+    assert config_hash(load_config(None, ["specialists.head_hidden=16"]).specialists) != config_hash(before)
+    assert json.loads(json.dumps(dataclasses.asdict(section)))["head_hidden"] == 0  # config.yaml still shows it
+
+
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
