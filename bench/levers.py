@@ -49,6 +49,7 @@ LEVERS = {  # name: overrides of the source run's config
     "shared_trunk": ["specialists.freeze_trunk=true", "specialists.head_hidden={8w}"],
     "overlapping_epochs_x2": ["cluster.shape=overlapping", "specialists.train.epochs={2e}"],
     "no_selection": ["specialists.select_on_validation=false"],
+    "auto_combiner": ["combine.method=auto"],
 }
 
 

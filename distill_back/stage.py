@@ -22,7 +22,7 @@ from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, w
 from ensemble.train import fit, predict_logits, resolve_device
 from generalist.baselines import baseline_rows, load_baseline, training_compute
 from specialists import Combiner, active_specialists
-from specialists.combiner import load_ensemble
+from specialists.combiner import combine_method, load_ensemble
 
 from .loss import check_distillation, distillation_loss
 from .plots import plot_distill_back
@@ -40,8 +40,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
     data = load_data(cfg.data)
     device = resolve_device(cfg.device)
     generalist, specialists, subsets = load_ensemble(run_dir, cfg)
-    combiner = Combiner(generalist, specialists, subsets, top_n=cfg.combine.top_n[0], method=cfg.combine.method,
-                        device=device)
+    combiner = Combiner(generalist, specialists, subsets, top_n=cfg.combine.top_n[0],
+                        method=combine_method(run_dir, cfg), device=device)
     batch = dcfg.train.eval_batch_size
 
     def generalist_proba(xb: torch.Tensor) -> torch.Tensor:

@@ -141,9 +141,10 @@ class CombineConfig:
     """Stage 4: how the generalist and the specialists are combined, and evaluated on the test set."""
 
     top_n: list[int] = field(default_factory=lambda: [1, 2, 5])  # the first is the ensemble's; all are evaluated
-    method: Literal["fixed_point", "gradient", "within_subset"] = "within_subset"  # the paper's KL objective
-    #   (solved by EM, or by gradient descent as in the paper), or the within-subset rule, which trusts the
-    #   generalist for which subset and the specialist for which class inside it (see specialists.combine)
+    method: Literal["fixed_point", "gradient", "within_subset", "auto"] = "within_subset"  # the paper's KL
+    #   objective (solved by EM, or by gradient descent as in the paper), or the within-subset rule, which trusts
+    #   the generalist for which subset and the specialist for which class inside it (see specialists.combine);
+    #   auto: fixed_point or within_subset, whichever has the higher validation top-1 (the combine stage chooses)
 
 
 @dataclass

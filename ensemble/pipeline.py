@@ -57,7 +57,8 @@ STAGES: tuple[Stage, ...] = (
           after=("generalist", "specialists", "baselines"), metric="ensemble_top1"),
     Stage("distill_back", distill_back.run, lambda c: (c.seed, c.generalist, c.combine, c.distill_back,
                                                        data_fingerprint(c.data)),
-          after=("generalist", "specialists", "baselines"), metric="student_top1", check=distill_back.check),
+          after=("generalist", "specialists", "baselines", "combine"), metric="student_top1",
+          check=distill_back.check),
 )
 
 

@@ -47,7 +47,9 @@ class Combiner:
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.yaml)")
         cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
-        kwargs = {"top_n": cfg.combine.top_n[0], "method": cfg.combine.method, **kwargs}
+        if "method" not in kwargs:
+            kwargs["method"] = combine_method(run_dir, cfg)
+        kwargs = {"top_n": cfg.combine.top_n[0], **kwargs}
         return cls(*load_ensemble(run_dir, cfg), **kwargs)
 
     @torch.no_grad()
@@ -72,6 +74,17 @@ class Combiner:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The most probable class of each image under q."""
         return self.predict_proba(x).argmax(dim=1)
+
+
+def combine_method(run_dir: Path, cfg: Config) -> Method:
+    """The run's combiner: `combine.method`, or for `auto` the one its combine stage chose on validation."""
+    if cfg.combine.method != "auto":
+        return cfg.combine.method
+    path = Path(run_dir) / "combine" / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} uses combine.method=auto, which its combine stage resolves: run "
+                                f"`ensemble run` or `ensemble stage combine` for it first")
+    return read_json(path)["method"]
 
 
 def load_ensemble(run_dir: Path, cfg: Config) -> tuple[nn.Module, list[nn.Module], list[list[int]]]:

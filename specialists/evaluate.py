@@ -48,17 +48,24 @@ def run(run_dir: Path, cfg: Config) -> dict:
              for net in specialists]
     classes = [torch.tensor(s) for s in subsets]
 
+    first = cfg.combine.top_n[0]
+    method, choice = cfg.combine.method, None
+    if method == "auto":
+        method, choice = choose_method(specialists, classes, first, preds["val_probs"].double(), preds["val_labels"],
+                                       data.x_val, device, batch)
+        print(f"combine.method=auto: {method} (validation top-1 "
+              + ", ".join(f"{m} {v:.4f}" for m, v in choice.items()) + ")", flush=True)
+
     systems = {"generalist": (p_general, None)}
-    label = LABELS[cfg.combine.method]
+    label = LABELS[method]
     for n in cfg.combine.top_n:
         systems[f"{label}, top_n={n}"] = (_by_rows(
-            lambda g, ps, n=n: combine(g, ps, classes, top_n=n, method=cfg.combine.method), p_general, probs), n)
-    first = cfg.combine.top_n[0]
+            lambda g, ps, n=n: combine(g, ps, classes, top_n=n, method=method), p_general, probs), n)
     systems[f"average, top_n={first}"] = (_by_rows(
         lambda g, ps: average_combine(g, ps, classes, first), p_general, probs), first)
     systems[f"lowest dustbin, top_n={first}"] = (_by_rows(
         lambda g, ps: lowest_dustbin_combine(g, ps, classes, first), p_general, probs), first)
-    other = "fixed_point" if cfg.combine.method == "within_subset" else "within_subset"
+    other = "fixed_point" if method == "within_subset" else "within_subset"
     systems[f"{LABELS[other]}, top_n={first}"] = (_by_rows(
         lambda g, ps: combine(g, ps, classes, top_n=first, method=other), p_general, probs), first)
 
@@ -75,19 +82,33 @@ def run(run_dir: Path, cfg: Config) -> dict:
         rivals[f"{row['system']} ({row['epochs']} epochs)"] = (pred == labels, row["test_top1"])
     verdict = compare(ensemble_right, rivals)
     summary = {
-        "generalist_top1": table3[0]["test_top1"], "ensemble_top1": headline["test_top1"],
+        "method": method, "generalist_top1": table3[0]["test_top1"], "ensemble_top1": headline["test_top1"],
         "relative_gain": headline["test_top1"] / table3[0]["test_top1"] - 1,
         "generalist_conditional_top1": table3[0]["conditional_top1"],
         "ensemble_conditional_top1": headline["conditional_top1"], "top_n": first,
         "num_specialists": len(subsets), "verdict": verdict[-1]["call"], "verdict_rival": verdict[-1]["rival"],
         "verdict_difference": verdict[-1]["difference"],
     }
-    write_json(out / "eval.json", {**summary, "table3": table3, "table4": table4, "comparisons": verdict})
+    write_json(out / "eval.json", {**summary, "method_choice": choice, "table3": table3, "table4": table4,
+                                   "comparisons": verdict})
     text = tables_markdown(table3, table4, len(subsets)) + "\n" + verdict_markdown(verdict)
     write_text(out / "tables.md", text)
     plot_table4(out / "table4.png", table4)
     print(text, flush=True)
     return summary
+
+
+AUTO = ("fixed_point", "within_subset")  # combine.method=auto chooses between these; a tie goes to the paper's
+
+
+def choose_method(specialists: list, classes: list[torch.Tensor], top_n: int, p_general: torch.Tensor,
+                  labels: torch.Tensor, x_val: torch.Tensor, device: torch.device, batch: int) -> tuple[str, dict]:
+    """`combine.method=auto`: of the KL and the within-subset combiners, the one with the higher top-1 on
+    the validation set (`p_general`, `labels`: the generalist's there), and each one's validation top-1."""
+    probs = [predict_logits(net, x_val, device=device, batch_size=batch).double().softmax(dim=1) for net in specialists]
+    top1 = {m: _top1(_by_rows(lambda g, ps, m=m: combine(g, ps, classes, top_n=top_n, method=m), p_general, probs),
+                     labels) for m in AUTO}
+    return max(AUTO, key=top1.get), top1
 
 
 def compare(right: torch.Tensor, rivals: dict[str, tuple[torch.Tensor, float]]) -> list[dict]:

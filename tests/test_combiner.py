@@ -10,7 +10,7 @@ from ensemble.pipeline import run_pipeline
 from ensemble.rundir import load_tensors
 from ensemble.train import predict_logits
 from specialists import Combiner, combine
-from specialists.combiner import load_ensemble
+from specialists.combiner import combine_method, load_ensemble
 from specialists.evaluate import (
     average_combine,
     compare,
@@ -124,6 +124,35 @@ def test_without_baselines_the_verdict_says_it_cannot_tell(upstream, tmp_path):
     assert report["verdict_rival"] == "generalist"
     assert "No baselines were trained" in (cfg.run_dir / "combine" / "tables.md").read_text()
     assert not (cfg.run_dir / "baselines" / "compute").exists()
+
+
+def test_auto_combiner_is_the_one_with_the_higher_validation_top1(trained, tmp_path):
+    """combine.method=auto: the combine stage picks the KL or the within-subset combiner on the validation
+    set, records both scores, and the run's Combiner (and so distill_back) uses its pick."""
+    import shutil
+
+    from conftest import SPECIALISTS_TINY
+
+    from ensemble.config import load_config
+    from specialists.evaluate import AUTO
+
+    shutil.copytree(trained.run_dir, tmp_path / "r", ignore=shutil.ignore_patterns("combine", "distill_back"))
+    cfg = load_config(None, [*SPECIALISTS_TINY, f"runs_dir={tmp_path}", "name=r", "combine.method=auto"])
+    with pytest.raises(FileNotFoundError, match="combine.method=auto"):
+        combine_method(cfg.run_dir, cfg)  # not chosen yet
+    run_pipeline(cfg, only="combine")
+    report = json.loads((cfg.run_dir / "combine" / "eval.json").read_text())
+    data = load_data(cfg.data)
+    recount = {m: (Combiner.from_run(cfg.run_dir, method=m).predict(data.x_val) == data.y_val).float().mean().item()
+               for m in AUTO}
+    assert report["method_choice"] == pytest.approx(recount, abs=1.5 / len(data.y_val))
+    assert report["method"] == max(AUTO, key=report["method_choice"].get)  # a tie goes to the KL combiner
+    assert recount[report["method"]] >= max(recount.values()) - 1.5 / len(data.y_val)
+    labels = {"fixed_point": "KL combiner", "within_subset": "within-subset combiner"}
+    assert report["table3"][1]["system"].startswith(labels[report["method"]])
+    x = data.x_test[:100]
+    torch.testing.assert_close(Combiner.from_run(cfg.run_dir).predict_proba(x),
+                               Combiner.from_run(cfg.run_dir, method=report["method"]).predict_proba(x))
 
 
 def test_simple_combiners_and_conditional_accuracy():
