@@ -7,6 +7,9 @@ is right. Table 4: for each number k of active specialists whose subset holds th
 examples, the change in correct top-1 against the generalist, and that change relative to the
 generalist's correct count.
 
+With `combine.method=auto` the stage first chooses the combiner on the validation set (`choose_method`)
+and records the choice in `eval.json` (`method`, `method_choice`).
+
 The verdict: the ensemble's test top-1 against the generalist and the baselines stage's generalists
 trained as long as the ensemble, with the paired standard error of each difference, so that nobody ships
 an ensemble that does not pay.
