@@ -71,13 +71,15 @@ def run_row(name: str, seed: int, run_dir: Path) -> dict:
         "wall_clock_epochs": baselines.get("wall_clock", {}).get("epochs"),
         "compute_epochs": baselines.get("compute", {}).get("epochs"),
         "verdict": evaluation["verdict"], "gain_kept": report["gain_kept"],
+        "beats_generalist": next(c for c in evaluation["comparisons"] if c["rival"] == "generalist")["call"] == "beats",
         **{f"{s.name}_min": round(manifest.get(s.name)["seconds"] / 60, 2) for s in STAGES},
     }
 
 
 def summary_row(name: str, runs: list[dict]) -> dict:
     """Mean ± standard deviation over the seeds of each system's test top-1 (in %), the verdicts, and
-    the student's kept share of the mean gain."""
+    the student's kept share of the mean gain (only if every seed's ensemble beat its generalist beyond
+    two paired standard errors)."""
     row = {"config": name, "seeds": len(runs)}
     for system in SYSTEMS:
         values = [100 * r[system] for r in runs if r[system] is not None]
@@ -85,7 +87,8 @@ def summary_row(name: str, runs: list[dict]) -> dict:
     mean = {s: statistics.fmean(r[s] for r in runs) for s in ("generalist", "ensemble", "student")}
     gain = mean["ensemble"] - mean["generalist"]
     row["relative_gain"] = f"{gain / mean['generalist']:+.2%}"
-    row["student_keeps"] = f"{(mean['student'] - mean['generalist']) / gain:.0%}" if gain > 0 else "n/a (no gain)"
+    row["student_keeps"] = (f"{(mean['student'] - mean['generalist']) / gain:.0%}" if all(r["beats_generalist"] for r in runs)
+                            else "n/a (a gain within the noise)")
     row["verdicts"] = ", ".join(f"{v}: {sum(r['verdict'] == v for r in runs)}"
                                 for v in dict.fromkeys(r["verdict"] for r in runs))
     row["pipeline_min"] = _mean_std([sum(v for k, v in r.items() if k.endswith("_min")) for r in runs], 1)

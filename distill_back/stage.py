@@ -67,7 +67,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
             load_baseline(run_dir, cfg, data, row["budget"]), row["epochs"])
 
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
-    summary = {**_summary(rows), "student_train_seconds": _seconds(histories["student"])}
+    comparisons = read_json(run_dir / "combine" / "eval.json")["comparisons"]
+    beats = next(c for c in comparisons if c["rival"] == "generalist")["call"] == "beats"
+    summary = {**_summary(rows, beats), "student_train_seconds": _seconds(histories["student"])}
     write_json(out / "report.json", {**summary, "systems": rows, "history": histories["student"]})
     text = report_markdown(rows, summary)
     write_text(out / "report.md", text)
@@ -132,7 +134,7 @@ def report_markdown(rows: list[dict], summary: dict) -> str:
     for name, key in (("the student", "student"), ("the self-distilled control", "control")):
         if f"{key}_top1" in summary:
             kept = summary[f"{key}_gain_kept"]
-            lines += ["", f"{name} keeps " + ("n/a (the ensemble did not beat the generalist)" if kept is None
+            lines += ["", f"{name} keeps " + ("n/a (the ensemble did not beat the generalist beyond two standard errors)" if kept is None
                                               else f"{kept:.0%}") + " of the ensemble's gain over the generalist "
                       f"({summary[f'{key}_top1'] - summary['generalist_top1']:+.2%} of {gain:+.2%} top-1)"]
     return "\n".join(lines) + "\n"
@@ -183,15 +185,16 @@ def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data,
     }
 
 
-def _summary(rows: list[dict]) -> dict:
+def _summary(rows: list[dict], beats_generalist: bool) -> dict:
     """The headline numbers; a gain kept = (student - generalist) / (ensemble - generalist) in test
-    top-1, None when the ensemble did not beat the generalist."""
+    top-1, None unless the ensemble beat the generalist beyond two paired standard errors (the combine
+    stage's call): a share of a gain within the noise says nothing."""
     top1 = {r["system"]: r["test_top1"] for r in rows}
     gain = top1["ensemble"] - top1["generalist"]
     summary = {"generalist_top1": top1["generalist"], "ensemble_top1": top1["ensemble"]}
     for key, system in (("student", "student"), ("control", "self-distilled (control)")):
         if system in top1:
             summary[f"{key}_top1"] = top1[system]
-            summary[f"{key}_gain_kept"] = (top1[system] - top1["generalist"]) / gain if gain > 0 else None
+            summary[f"{key}_gain_kept"] = (top1[system] - top1["generalist"]) / gain if beats_generalist else None
     summary["gain_kept"] = summary["student_gain_kept"]
     return summary

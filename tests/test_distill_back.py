@@ -80,9 +80,14 @@ def test_report_counts_compute_and_the_baselines_get_it(distilled):
     combine = json.loads((run / "combine" / "eval.json").read_text())
     assert rows["ensemble"]["test_top1"] == pytest.approx(combine["ensemble_top1"], abs=1.5 / len(data.y_test))
     gain = report["ensemble_top1"] - report["generalist_top1"]
+    assert combine["comparisons"][0]["rival"] == "generalist" and combine["comparisons"][0]["call"] == "beats"
     for key in ("student", "control"):
-        expected = (report[f"{key}_top1"] - report["generalist_top1"]) / gain if gain > 0 else None
-        assert report[f"{key}_gain_kept"] == (pytest.approx(expected) if expected is not None else None)
+        expected = (report[f"{key}_top1"] - report["generalist_top1"]) / gain
+        assert report[f"{key}_gain_kept"] == pytest.approx(expected)
+    rows = [{"system": s, "test_top1": t} for s, t in (("generalist", 0.8), ("ensemble", 0.8004), ("student", 0.81))]
+    level = distill_back.stage._summary(rows, beats_generalist=False)  # a gain within the noise: no share
+    assert level["student_gain_kept"] is None and level["student_top1"] == 0.81
+    assert distill_back.stage._summary(rows, beats_generalist=True)["student_gain_kept"] == pytest.approx(25)
     assert (run / "distill_back" / "distill_back.png").stat().st_size > 0
 
 
