@@ -25,6 +25,7 @@ from common import combiner_top1, write_results
 from ensemble.config import load_config
 from ensemble.pipeline import STAGES, run_pipeline
 from ensemble.rundir import Manifest, read_json
+from specialists.evaluate import beats_generalist
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("generalist", "ensemble", "kl", "within_subset", "wall_clock", "compute", "student", "control")
@@ -71,7 +72,7 @@ def run_row(name: str, seed: int, run_dir: Path) -> dict:
         "wall_clock_epochs": baselines.get("wall_clock", {}).get("epochs"),
         "compute_epochs": baselines.get("compute", {}).get("epochs"),
         "verdict": evaluation["verdict"], "gain_kept": report["gain_kept"],
-        "beats_generalist": next(c for c in evaluation["comparisons"] if c["rival"] == "generalist")["call"] == "beats",
+        "beats_generalist": beats_generalist(evaluation),
         **{f"{s.name}_min": round(manifest.get(s.name)["seconds"] / 60, 2) for s in STAGES},
     }
 

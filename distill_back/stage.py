@@ -23,6 +23,7 @@ from ensemble.train import fit, predict_logits, resolve_device
 from generalist.baselines import baseline_rows, load_baseline, training_compute
 from specialists import Combiner, active_specialists
 from specialists.combiner import combine_method, load_ensemble
+from specialists.evaluate import beats_generalist
 
 from .loss import check_distillation, distillation_loss
 from .plots import plot_distill_back
@@ -67,8 +68,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
             load_baseline(run_dir, cfg, data, row["budget"]), row["epochs"])
 
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
-    comparisons = read_json(run_dir / "combine" / "eval.json")["comparisons"]
-    beats = next(c for c in comparisons if c["rival"] == "generalist")["call"] == "beats"
+    beats = beats_generalist(read_json(run_dir / "combine" / "eval.json"))
     summary = {**_summary(rows, beats), "student_train_seconds": _seconds(histories["student"])}
     write_json(out / "report.json", {**summary, "systems": rows, "history": histories["student"]})
     text = report_markdown(rows, summary)

@@ -130,6 +130,12 @@ def compare(right: torch.Tensor, rivals: dict[str, tuple[torch.Tensor, float]]) 
     return rows
 
 
+def beats_generalist(evaluation: dict) -> bool:
+    """Whether a combine stage's `eval.json` found the ensemble better than its generalist beyond two
+    paired standard errors."""
+    return next(c for c in evaluation["comparisons"] if c["rival"] == "generalist")["call"] == "beats"
+
+
 def verdict_markdown(rows: list[dict]) -> str:
     """The comparison table and one sentence on the last row: the longest-trained baseline (equal compute)."""
     lines = ["Verdict: the ensemble against single networks on the same test images", "",
