@@ -10,8 +10,9 @@ same generalist. The baselines are not retrained (`baselines.budgets=[]`): compa
 source run's generalists trained as long as the ensemble (in the JSON's `source_rivals`), minding the
 row's own specialist compute. Per lever: test top-1 of the ensemble with the KL combiner and with the
 within-subset combiner (the first `combine.top_n`), each one's change against the reference, the
-specialists' conditional top-1 gain, their training in passes over the training set, and the
-specialists stage's wall minutes. A rerun resumes: finished levers are read back, not trained again.
+specialists' conditional top-1 gain, their training in passes over the training set and in compute
+(generalist epochs, as the baselines stage counts it: weighted by multiply-adds, with §6.1's teacher
+pass), and the specialists stage's wall minutes. A rerun resumes: finished levers are read back, not trained again.
 Results go to bench/results/levers_SOURCE.{json,md} ("/" in SOURCE
 becomes "_"); the rows of levers not named in `--levers` are kept from the file's earlier results for the
 same source and base.
@@ -25,11 +26,11 @@ import sys
 from pathlib import Path
 
 from common import RESULTS, combiner_top1, finished_run, merge_rows, stage_hash, write_results
-from ensemble.config import load_config
+from ensemble.config import Config, load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, read_json
-from generalist.baselines import training_examples
+from generalist.baselines import training_compute, training_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def main() -> None:
                                                    "baselines.budgets=[]", *args.base, *overrides])
         for stage in ("cluster", "specialists", "baselines", "combine"):
             run_pipeline(cfg, only=stage)
-        rows.append(_row(lever, overrides, run_dir, len(load_data(cfg.data).x_train)))
+        rows.append(_row(lever, overrides, cfg))
         print(f"{lever}: done", file=sys.stderr, flush=True)
     name = f"levers_{args.source.replace('/', '_')}"
     meta = {"source": str(source.relative_to(ROOT)), "generalist": stage_hash(source, "generalist"), "base": args.base}
@@ -92,11 +93,15 @@ def main() -> None:
     write_results(name, rows, {**meta, "source_rivals": baselines})
 
 
-def _row(lever: str, overrides: list[str], run_dir: Path, n_train: int) -> dict:
+def _row(lever: str, overrides: list[str], cfg: Config) -> dict:
+    run_dir = cfg.run_dir
     evaluation = read_json(run_dir / "combine" / "eval.json")
     table3 = combiner_top1(evaluation)
     specialists = Manifest(run_dir).get("specialists")
+    data = load_data(cfg.data)
+    n_train = len(data.x_train)
     _, special = training_examples(run_dir)
+    per_epoch = n_train // cfg.generalist.train.batch_size * cfg.generalist.train.batch_size
     return {
         "lever": lever,
         "overrides": " ".join(o.removeprefix("specialists.") for o in overrides),
@@ -106,6 +111,7 @@ def _row(lever: str, overrides: list[str], run_dir: Path, n_train: int) -> dict:
         "conditional_gain": specialists["summary"]["conditional_gain"],
         "specialists": evaluation["num_specialists"],
         "specialist_epochs": round(sum(special) / n_train, 2),
+        "specialist_compute": round(sum(training_compute(run_dir, cfg, data)[1]) / per_epoch, 2),
         "specialists_min": round(specialists["seconds"] / 60, 2),
     }
 

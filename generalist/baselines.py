@@ -6,7 +6,9 @@ that the ensemble's gain is not just more training.
   every specialist has a worker of its own.
 
 Compute is counted in training examples, weighted by each net's multiply-adds per example relative to
-the generalist's; a budget is rounded up to whole epochs of the examples an epoch trains on (the last
+the generalist's. A specialist's forward passes outside its training steps count too, each a third of a
+training example (forward and backward): they are a large share where specialists train on few
+examples (Omniglot). A budget is rounded up to whole epochs of the examples an epoch trains on (the last
 partial batch is dropped), so a baseline never trains for less.
 """
 from __future__ import annotations
@@ -23,10 +25,12 @@ from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json
 from ensemble.train import classification_metrics, predict_logits, resolve_device
 from specialists.combiner import load_ensemble
+from specialists.task import DUSTBIN_SAMPLE
 
 from .stage import train_generalist
 
 NAME = "baselines"
+FORWARD_SHARE = 1 / 3  # a forward pass is about a third of a training step (backward costs twice forward)
 TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist"}
 
 
@@ -73,12 +77,20 @@ def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[st
 
 
 def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[float]]:
-    """The training examples of the generalist, and each specialist's weighted by its multiply-adds per
-    example relative to the generalist's: the training compute in examples at the generalist's cost."""
+    """The training compute in examples at the generalist's cost: the generalist's training examples,
+    and each specialist's, weighted by its multiply-adds per example relative to the generalist's, with
+    its forward passes: over a sample of the training set to fit its dustbin row (or, with
+    `specialists.head: full`, the generalist's over the whole training set for its soft targets), and
+    twice over the validation set to choose between its training and its start."""
     general, specialists = training_examples(run_dir)
     generalist, nets, _ = load_ensemble(run_dir, cfg)
     base = multiply_adds(generalist, data.input_shape)
-    return general, [n * multiply_adds(net, data.input_shape) / base for n, net in zip(specialists, nets, strict=True)]
+    full = cfg.specialists.head == "full"
+    start = 0 if full else min(DUSTBIN_SAMPLE, len(data.x_train))  # at the specialist's cost
+    teacher = len(data.x_train) if full else 0  # at the generalist's cost
+    forward = start + 2 * len(data.x_val)
+    return general, [(n + FORWARD_SHARE * forward) * multiply_adds(net, data.input_shape) / base
+                     + FORWARD_SHARE * teacher for n, net in zip(specialists, nets, strict=True)]
 
 
 def training_examples(run_dir: Path) -> tuple[int, list[int]]:

@@ -66,10 +66,12 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
     subset = torch.tensor(job.classes, dtype=torch.int64)
     generalist = build_net(cfg.generalist.net, tuple(x.shape[1:]), num_classes)
     load_weights(generalist, generalist_state, "the generalist's weights")
+    batch = cfg.specialists.train.eval_batch_size
+    if cfg.specialists.head == "full":  # §6.1's soft targets, from the generalist before any widening
+        teacher = predict_logits(generalist, x, device=device, batch_size=batch).log_softmax(dim=1)
     if cfg.specialists.width is not None:  # the same function, with room to grow
         generalist = widen(generalist, build_net(specialist_net_config(cfg), tuple(x.shape[1:]), num_classes))
 
-    batch = cfg.specialists.train.eval_batch_size
     y_local = local_labels(y, subset, num_classes)
     if cfg.specialists.head == "dustbin":
         sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
@@ -79,7 +81,6 @@ def train_specialist(job: Job, checkpoint: bytes | None, store, device: torch.de
         targets, loss_fn = y_local, None
     else:  # §6.1: the full softmax, its classes outside S learnt from the generalist's soft targets
         net, init_kl = copy.deepcopy(generalist), 0.0
-        teacher = predict_logits(generalist, x, device=device, batch_size=batch).log_softmax(dim=1)
         outside = FullSoftmax(net, subset).outside.to(device)  # the classes outside S
         targets = (y, teacher)
         loss_fn = lambda z, t: outside_distillation_loss(z, t[0], t[1], outside)  # noqa: E731

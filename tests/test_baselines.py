@@ -1,11 +1,16 @@
 """The baselines stage's bookkeeping: budgets from training compute, specialists in head order, the
-verdict's rival on a tie."""
+specialists' forward passes, the verdict's rival on a tie."""
 import json
 
 import pytest
+from conftest import specialists_run
 
+from ensemble.cost import multiply_adds
+from ensemble.data import load_data
+from ensemble.pipeline import run_pipeline
 from ensemble.rundir import write_json
-from generalist.baselines import baseline_rows, budgets, training_examples
+from generalist.baselines import baseline_rows, budgets, training_compute, training_examples
+from specialists.combiner import load_ensemble
 
 
 def test_budgets_add_all_specialists_for_compute_and_the_largest_for_wall_clock():
@@ -41,3 +46,22 @@ def test_the_equal_compute_baseline_comes_last_even_on_a_tie(tmp_path, wall_cloc
     rows = [{"budget": "compute", "epochs": 5}, {"budget": "wall_clock", "epochs": wall_clock_epochs}]
     write_json(tmp_path / "baselines" / "report.json", {"baselines": rows})
     assert [r["budget"] for r in baseline_rows(tmp_path)] == ["wall_clock", "compute"]
+
+
+@pytest.mark.parametrize("head", ["dustbin", "full"])
+def test_specialists_also_pay_for_their_forward_passes(upstream, tmp_path, head):
+    cfg = specialists_run(upstream, tmp_path, f"specialists.head={head}")
+    run_pipeline(cfg, only="specialists")
+    data = load_data(cfg.data)
+    general, special = training_examples(cfg.run_dir)
+    n, n_val = len(data.x_train), len(data.x_val)
+    generalist, nets, _ = load_ensemble(cfg.run_dir, cfg)
+    base = multiply_adds(generalist, data.input_shape)
+    # a forward pass is a third of a training step: the dustbin row's fit on a sample of the training set
+    # (or the generalist's soft targets over all of it, for §6.1's full softmax), the validation twice
+    if head == "dustbin":
+        expected = [(e + (min(4096, n) + 2 * n_val) / 3) * multiply_adds(net, data.input_shape) / base
+                    for e, net in zip(special, nets)]
+    else:  # the specialist is the generalist's net: weight 1
+        expected = [e + 2 * n_val / 3 + n / 3 for e in special]
+    assert training_compute(cfg.run_dir, cfg, data) == (general, pytest.approx(expected))
