@@ -48,9 +48,9 @@ def test_the_equal_compute_baseline_comes_last_even_on_a_tie(tmp_path, wall_cloc
     assert [r["budget"] for r in baseline_rows(tmp_path)] == ["wall_clock", "compute"]
 
 
-@pytest.mark.parametrize("head", ["dustbin", "full"])
-def test_specialists_also_pay_for_their_forward_passes(upstream, tmp_path, head):
-    cfg = specialists_run(upstream, tmp_path, f"specialists.head={head}")
+@pytest.mark.parametrize("overrides", [["specialists.head=dustbin"], ["specialists.head=full", "specialists.width=96"]])
+def test_specialists_also_pay_for_their_forward_passes(upstream, tmp_path, overrides):
+    cfg = specialists_run(upstream, tmp_path, *overrides)
     run_pipeline(cfg, only="specialists")
     data = load_data(cfg.data)
     general, special = training_examples(cfg.run_dir)
@@ -58,10 +58,11 @@ def test_specialists_also_pay_for_their_forward_passes(upstream, tmp_path, head)
     generalist, nets, _ = load_ensemble(cfg.run_dir, cfg)
     base = multiply_adds(generalist, data.input_shape)
     # a forward pass is a third of a training step: the dustbin row's fit on a sample of the training set
-    # (or the generalist's soft targets over all of it, for §6.1's full softmax), the validation twice
-    if head == "dustbin":
-        expected = [(e + (min(4096, n) + 2 * n_val) / 3) * multiply_adds(net, data.input_shape) / base
-                    for e, net in zip(special, nets)]
-    else:  # the specialist is the generalist's net: weight 1
-        expected = [e + 2 * n_val / 3 + n / 3 for e in special]
+    # (or the generalist's soft targets over all of it, for §6.1's full softmax), the validation set twice
+    full = cfg.specialists.head == "full"
+    own = (0 if full else min(4096, n)) + 2 * n_val  # at the specialist's cost
+    teacher = n if full else 0  # at the generalist's cost, not the widened specialist's
+    expected = [(e + own / 3) * multiply_adds(net, data.input_shape) / base + teacher / 3
+                for e, net in zip(special, nets)]
+    assert all(multiply_adds(net, data.input_shape) > base for net in nets) == full  # widened: dearer
     assert training_compute(cfg.run_dir, cfg, data) == (general, pytest.approx(expected))
