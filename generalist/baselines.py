@@ -18,14 +18,14 @@ import json
 import math
 from pathlib import Path
 
-from ensemble.config import Config
+from ensemble.config import Config, specialist_net_config
 from ensemble.cost import multiply_adds
 from ensemble.data import Data, load_data
 from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json
 from ensemble.train import classification_metrics, predict_logits, resolve_device
 from specialists.combiner import load_ensemble
-from specialists.task import DUSTBIN_SAMPLE
+from specialists import task
 
 from .stage import train_generalist
 
@@ -79,18 +79,25 @@ def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[st
 def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[float]]:
     """The training compute in examples at the generalist's cost: the generalist's training examples,
     and each specialist's, weighted by its multiply-adds per example relative to the generalist's, with
-    its forward passes: over a sample of the training set to fit its dustbin row (or, with
-    `specialists.head: full`, the generalist's over the whole training set for its soft targets), and
-    twice over the validation set to choose between its training and its start."""
+    its forward passes besides:
+    - the start: the generalist's (widened to the specialist's width) over a sample of the training
+      set to fit the dustbin row or, with `specialists.head: full`, the plain generalist's over the
+      whole training set for the soft targets;
+    - its trained net's and its start's over the validation set (the choice between them, the dustbin
+      correction, its report).
+    Left out as small: the dustbin row's own fit and diagnostics on the sample's features, and with
+    `combine.method: auto` the combine stage's pass of each specialist over the validation set."""
     general, specialists = training_examples(run_dir)
     generalist, nets, _ = load_ensemble(run_dir, cfg)
     base = multiply_adds(generalist, data.input_shape)
-    full = cfg.specialists.head == "full"
-    start = 0 if full else min(DUSTBIN_SAMPLE, len(data.x_train))  # at the specialist's cost
-    teacher = len(data.x_train) if full else 0  # at the generalist's cost
-    forward = start + 2 * len(data.x_val)
-    return general, [(n + FORWARD_SHARE * forward) * multiply_adds(net, data.input_shape) / base
-                     + FORWARD_SHARE * teacher for n, net in zip(specialists, nets, strict=True)]
+    n = len(data.x_train)
+    if cfg.specialists.head == "full":
+        start = n
+    else:
+        widened = build_net(specialist_net_config(cfg), data.input_shape, data.num_classes)
+        start = min(task.DUSTBIN_SAMPLE, n) * multiply_adds(widened, data.input_shape) / base
+    return general, [(e + FORWARD_SHARE * 2 * len(data.x_val)) * multiply_adds(net, data.input_shape) / base
+                     + FORWARD_SHARE * start for e, net in zip(specialists, nets, strict=True)]
 
 
 def training_examples(run_dir: Path) -> tuple[int, list[int]]:

@@ -1,15 +1,19 @@
 """The baselines stage's bookkeeping: budgets from training compute, specialists in head order, the
 specialists' forward passes, the verdict's rival on a tie."""
 import json
+from collections import Counter
 
 import pytest
 from conftest import specialists_run
 
+from ensemble.config import specialist_net_config
 from ensemble.cost import multiply_adds
 from ensemble.data import load_data
+from ensemble.nets import build_net
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import write_json
 from generalist.baselines import baseline_rows, budgets, training_compute, training_examples
+from specialists import task
 from specialists.combiner import load_ensemble
 
 
@@ -48,21 +52,35 @@ def test_the_equal_compute_baseline_comes_last_even_on_a_tie(tmp_path, wall_cloc
     assert [r["budget"] for r in baseline_rows(tmp_path)] == ["wall_clock", "compute"]
 
 
-@pytest.mark.parametrize("overrides", [["specialists.head=dustbin"], ["specialists.head=full", "specialists.width=96"]])
-def test_specialists_also_pay_for_their_forward_passes(upstream, tmp_path, overrides):
-    cfg = specialists_run(upstream, tmp_path, *overrides)
-    run_pipeline(cfg, only="specialists")
+@pytest.mark.parametrize("head", ["dustbin", "full"])
+def test_specialists_also_pay_for_the_forward_passes_they_make(upstream, tmp_path, monkeypatch, head):
+    monkeypatch.setattr(task, "DUSTBIN_SAMPLE", 500)  # below the 1,293 training images: the cap counts
+    cfg = specialists_run(upstream, tmp_path, f"specialists.head={head}", "specialists.width=96")
     data = load_data(cfg.data)
+    n, n_val, n_test = len(data.x_train), len(data.x_val), len(data.x_test)
+    passes = []  # (images, multiply-adds per image) of every forward pass the specialist tasks make
+    predict = task.predict_logits
+
+    def counted(net, x, **kwargs):
+        passes.append((len(x), multiply_adds(net, data.input_shape)))
+        return predict(net, x, **kwargs)
+
+    monkeypatch.setattr(task, "predict_logits", counted)
+    run_pipeline(cfg, only="specialists")
     general, special = training_examples(cfg.run_dir)
-    n, n_val = len(data.x_train), len(data.x_val)
     generalist, nets, _ = load_ensemble(cfg.run_dir, cfg)
     base = multiply_adds(generalist, data.input_shape)
-    # a forward pass is a third of a training step: the dustbin row's fit on a sample of the training set
-    # (or the generalist's soft targets over all of it, for §6.1's full softmax), the validation set twice
-    full = cfg.specialists.head == "full"
-    own = (0 if full else min(4096, n)) + 2 * n_val  # at the specialist's cost
-    teacher = n if full else 0  # at the generalist's cost, not the widened specialist's
-    expected = [(e + own / 3) * multiply_adds(net, data.input_shape) / base + teacher / 3
+    k = len(nets)
+    # each specialist: its start (a trunk pass over the dustbin's sample, or the plain generalist's soft
+    # targets over the training set), its trained net and its start on the validation set, the test set
+    start = 500 if head == "dustbin" else n
+    assert Counter(rows for rows, _ in passes) == Counter({start: k, n_val: 2 * k, n_test: k})
+    if head == "full":  # the teacher is the generalist before widening
+        assert {macs for rows, macs in passes if rows == n} == {base}
+    # a forward pass is a third of a training step; the dustbin's sample goes through the widened
+    # generalist (trunk and head), the soft targets through the plain one, the validation through the specialist
+    widened = multiply_adds(build_net(specialist_net_config(cfg), data.input_shape, data.num_classes), data.input_shape)
+    start_cost = 500 * widened / base if head == "dustbin" else n
+    expected = [(e + 2 * n_val / 3) * multiply_adds(net, data.input_shape) / base + start_cost / 3
                 for e, net in zip(special, nets)]
-    assert all(multiply_adds(net, data.input_shape) > base for net in nets) == full  # widened: dearer
     assert training_compute(cfg.run_dir, cfg, data) == (general, pytest.approx(expected))
