@@ -11,8 +11,8 @@ source run's generalists trained as long as the ensemble (in the JSON's `source_
 row's own specialist compute. Per lever: test top-1 of the ensemble with the KL combiner and with the
 within-subset combiner (the first `combine.top_n`), each one's change against the reference, the
 specialists' conditional top-1 gain, their training in passes over the training set and in compute
-(generalist epochs, as the baselines stage counts it: weighted by multiply-adds, with §6.1's teacher
-pass), and the specialists stage's wall minutes. A rerun resumes: finished levers are read back, not trained again.
+(generalist epochs, as the baselines stage counts it: weighted by multiply-adds, with their forward
+passes besides training), and the specialists stage's wall minutes. A rerun resumes: finished levers are read back, not trained again.
 Results go to bench/results/levers_SOURCE.{json,md} ("/" in SOURCE
 becomes "_"); the rows of levers not named in `--levers` are kept from the file's earlier results for the
 same source and base.
@@ -30,7 +30,7 @@ from ensemble.config import Config, load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, read_json
-from generalist.baselines import training_compute, training_examples
+from generalist.baselines import epoch_examples, training_compute, training_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,9 +99,7 @@ def _row(lever: str, overrides: list[str], cfg: Config) -> dict:
     table3 = combiner_top1(evaluation)
     specialists = Manifest(run_dir).get("specialists")
     data = load_data(cfg.data)
-    n_train = len(data.x_train)
     _, special = training_examples(run_dir)
-    per_epoch = n_train // cfg.generalist.train.batch_size * cfg.generalist.train.batch_size
     return {
         "lever": lever,
         "overrides": " ".join(o.removeprefix("specialists.") for o in overrides),
@@ -110,8 +108,8 @@ def _row(lever: str, overrides: list[str], cfg: Config) -> dict:
         "within_subset": table3["within-subset combiner"],
         "conditional_gain": specialists["summary"]["conditional_gain"],
         "specialists": evaluation["num_specialists"],
-        "specialist_epochs": round(sum(special) / n_train, 2),
-        "specialist_compute": round(sum(training_compute(run_dir, cfg, data)[1]) / per_epoch, 2),
+        "specialist_epochs": round(sum(special) / len(data.x_train), 2),
+        "specialist_compute": round(sum(training_compute(run_dir, cfg, data)[1]) / epoch_examples(cfg, data), 2),
         "specialists_min": round(specialists["seconds"] / 60, 2),
     }
 

@@ -24,8 +24,8 @@ from ensemble.data import Data, load_data
 from ensemble.nets import Net, build_net, load_weights
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json
 from ensemble.train import classification_metrics, predict_logits, resolve_device
-from specialists.combiner import load_ensemble
 from specialists import task
+from specialists.combiner import load_ensemble
 
 from .stage import train_generalist
 
@@ -43,8 +43,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     data = load_data(cfg.data)
     device = resolve_device(cfg.device)
     general, specialists = training_compute(run_dir, cfg, data)
-    batch = cfg.generalist.train.batch_size
-    epochs = budgets(general, specialists, len(data.x_train) // batch * batch)
+    epochs = budgets(general, specialists, epoch_examples(cfg, data))
     rows = []
     for name in cfg.baselines.budgets:
         train = dataclasses.replace(cfg.generalist.train, epochs=math.ceil(epochs[name] - 1e-9))
@@ -74,6 +73,12 @@ def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[st
     largest one's for `wall_clock`."""
     return {"compute": (general + sum(specialists)) / per_epoch,
             "wall_clock": (general + max(specialists, default=0)) / per_epoch}
+
+
+def epoch_examples(cfg: Config, data: Data) -> int:
+    """The training examples a generalist epoch trains on (the last partial batch is dropped)."""
+    batch = cfg.generalist.train.batch_size
+    return len(data.x_train) // batch * batch
 
 
 def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[float]]:
