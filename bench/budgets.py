@@ -17,12 +17,13 @@ import os
 from pathlib import Path
 
 from common import finished_run, write_results
+
+from baselines import budgets, epoch_examples, training_compute, training_examples
+from combiner import load_ensemble
 from ensemble.config import load_config
 from ensemble.cost import multiply_adds
 from ensemble.data import load_data
 from ensemble.rundir import read_json
-from generalist.baselines import budgets, epoch_examples, training_compute, training_examples
-from specialists.combiner import load_ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = [f"{name}/s{seed}" for name in ("default", "emnist", "omniglot") for seed in (0, 1, 2)]

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from common import Timing, timed, write_results
 
-from specialists.combine import combine, objective
+from combiner import combine, objective
 
 TARGET = 1e-6  # the gradient method must come this close (relative) to fixed_point's objective
 BEST_OF_BUDGET = 20.0  # seconds: stop repeating a timed call once its runs have taken this long

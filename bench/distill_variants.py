@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 
 from common import RESULTS, finished_run, merge_rows, stage_hash, write_results
+
+from baselines import examples
 from ensemble.config import load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
-from generalist.baselines import examples
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 
 from common import combiner_top1, write_results
+
+from combiner import beats_generalist
 from ensemble.config import load_config
 from ensemble.pipeline import STAGES, run_pipeline
 from ensemble.rundir import Manifest, read_json
-from specialists.evaluate import beats_generalist
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ("generalist", "ensemble", "kl", "within_subset", "wall_clock", "compute", "student", "control")

@@ -26,11 +26,12 @@ import sys
 from pathlib import Path
 
 from common import RESULTS, combiner_top1, finished_run, merge_rows, stage_hash, write_results
+
+from baselines import epoch_examples, training_compute, training_examples
 from ensemble.config import Config, load_config
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, read_json
-from generalist.baselines import epoch_examples, training_compute, training_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,14 +11,13 @@ import torch
 
 from ensemble.config import ClusterConfig, Config, to_dict
 from ensemble.data import load_data
+from ensemble.layout import RunDir
 from ensemble.rundir import load_tensors, save_tensors, write_json
 
 from .covariance import centred_logits, check_predictions, covariance_matrix
 from .plots import plot_coverage, plot_matrix
 from .report import coverage, single_assignment, subset_report
 from .subsets import class_vectors, fit_kmeans, overlapping, partition
-
-NAME = "cluster"
 
 
 def resolve(c: ClusterConfig, num_classes: int) -> ClusterConfig:
@@ -52,11 +51,11 @@ def run(run_dir: Path, cfg: Config) -> dict:
     """Read the generalist's held-out predictions; write `subsets.json` (each subset's class ids and
     names, the classes in no subset, the settings), `covariance.safetensors` (the C×C matrix K-means
     ran on, before column normalisation), `report.json` (see `subset_report`) and two plots."""
-    out = Path(run_dir) / NAME
+    paths = RunDir(run_dir)
     data = load_data(cfg.data)
     num_classes = data.num_classes
     c = resolve(cfg.cluster, num_classes)
-    preds = load_tensors(Path(run_dir) / "generalist" / "predictions.safetensors")
+    preds = load_tensors(paths.generalist.predictions)
     probs = check_predictions(preds["val_probs"].numpy(), num_classes, "val_probs")
     labels = preds["val_labels"].numpy()
     if labels.shape != (len(probs),) or labels.min() < 0 or labels.max() >= num_classes:
@@ -74,8 +73,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
     settings = {**to_dict(c), "seed": cfg.seed}
     counts = coverage(subsets, num_classes)
-    save_tensors(out / "covariance.safetensors", {"matrix": torch.from_numpy(matrix)})
-    write_json(out / "subsets.json", {
+    save_tensors(paths.cluster_covariance, {"matrix": torch.from_numpy(matrix)})
+    write_json(paths.cluster_subsets, {
         "shape": c.shape,
         "num_classes": num_classes,
         "subsets": [{"id": m, "classes": s.tolist(), "names": [data.class_names[i] for i in s]}
@@ -83,10 +82,10 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "uncovered": [int(i) for i in (counts == 0).nonzero()[0]],  # left to the generalist alone
         "settings": settings,
     })
-    write_json(out / "report.json", {**report, "settings": settings})
-    plot_matrix(out / "covariance.png", matrix, assignment,
+    write_json(paths.cluster_report, {**report, "settings": settings})
+    plot_matrix(paths.stage("cluster") / "covariance.png", matrix, assignment,
                 f"{c.statistic} of held-out {c.inputs} (diagonal {c.diagonal}), {len(subsets)} {c.shape} subsets")
-    plot_coverage(out / "coverage.png", counts, report["sizes"])
+    plot_coverage(paths.stage("cluster") / "coverage.png", counts, report["sizes"])
 
     summary = {k: report[k] for k in ("num_subsets", "size_min", "size_median", "size_max", "classes_covered",
                                       "confusion_capture", "random_capture")}

@@ -14,28 +14,25 @@ from pathlib import Path
 
 import torch
 
+from baselines import baseline_rows, load_baseline, training_compute
+from combiner import Combiner, active_specialists, beats_generalist, combine_method, load_ensemble
 from ensemble.config import Config
 from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, load_data
-from ensemble.nets import Net, build_net, load_weights
+from ensemble.layout import NetDir, RunDir
+from ensemble.nets import Net, build_net, load_net
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
 from ensemble.train import fit, predict_logits, resolve_device
-from generalist.baselines import baseline_rows, load_baseline, training_compute
-from specialists import Combiner, active_specialists
-from specialists.combiner import combine_method, load_ensemble
-from specialists.evaluate import beats_generalist
 
 from .loss import check_distillation, distillation_loss
 from .plots import plot_distill_back
 from .transfer import soft_targets, transfer_set
 
-NAME = "distill_back"
-
 
 def run(run_dir: Path, cfg: Config) -> dict:
     """Soft targets from the ensemble, the student trained on them, the control, and the report."""
-    run_dir = Path(run_dir)
-    out = run_dir / NAME
+    paths = RunDir(run_dir)
+    out = paths.stage("distill_back")
     dcfg = cfg.distill_back
     check(cfg)
     data = load_data(cfg.data)
@@ -48,9 +45,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
     def generalist_proba(xb: torch.Tensor) -> torch.Tensor:
         return predict_logits(generalist, xb, device=device, batch_size=batch).double().softmax(dim=1)
 
-    teachers = {"student": (combiner.predict_proba, out)}
+    teachers = {"student": (combiner.predict_proba, paths.student)}
     if dcfg.control:  # self-distillation: tells the ensemble's knowledge from the effect of distillation itself
-        teachers["self-distilled (control)"] = (generalist_proba, out / "control")
+        teachers["self-distilled (control)"] = (generalist_proba, paths.control)
     # training compute in epochs at the generalist's cost per example; a teacher's counts for its student
     general, special = training_compute(run_dir, cfg, data)
     n = len(data.x_train)
@@ -68,35 +65,35 @@ def run(run_dir: Path, cfg: Config) -> dict:
             load_baseline(run_dir, cfg, data, row["budget"]), row["epochs"])
 
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
-    beats = beats_generalist(read_json(run_dir / "combine" / "eval.json"))
+    beats = beats_generalist(read_json(paths.evaluation))
     summary = {**_summary(rows, beats), "student_train_seconds": _seconds(histories["student"])}
-    write_json(out / "report.json", {**summary, "systems": rows, "history": histories["student"]})
+    write_json(paths.distill_report, {**summary, "systems": rows, "history": histories["student"]})
     text = report_markdown(rows, summary)
     write_text(out / "report.md", text)
     plot_distill_back(out / "distill_back.png", rows, histories["student"],
-                      read_json(run_dir / "generalist" / "metrics.json")["val_top1"])
+                      read_json(paths.generalist.metrics)["val_top1"])
     print(text, flush=True)
     return summary
 
 
 def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Callable[[torch.Tensor], torch.Tensor],
-                  folder: Path, device: torch.device, desc: str) -> tuple[Net, list[dict]]:
+                  folder: NetDir, device: torch.device, desc: str) -> tuple[Net, list[dict]]:
     """A student trained in `folder` on the soft targets of `predict_proba` (computed once, kept in
     `soft_targets.safetensors` for a resumed run) and the hard labels; its weights go to
     `model.safetensors`."""
     dcfg = cfg.distill_back
     student = make_student(cfg, data, generalist)
     x, labels = transfer_set(data, dcfg.augmented_copies, cfg.seed)
-    teacher = _cached_soft_targets(folder / "soft_targets.safetensors", predict_proba, x, labels,
+    teacher = _cached_soft_targets(folder.soft_targets, predict_proba, x, labels,
                                    dcfg.train.eval_batch_size)
     print(f"distill_back: {desc}, {parameters(student):,} parameters ({dcfg.init} start), transfer set "
           f"{len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, alpha={dcfg.alpha}",
           flush=True)
-    history = fit(student, x, (teacher, labels), dcfg.train, folder, seed=cfg.seed, device=device,
+    history = fit(student, x, (teacher, labels), dcfg.train, folder.folder, seed=cfg.seed, device=device,
                   loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
                                                          alpha=dcfg.alpha),
                   val=(data.x_val, data.y_val), desc=desc)
-    save_tensors(folder / "model.safetensors", student.state_dict())
+    save_tensors(folder.weights, student.state_dict())
     return student, history
 
 
@@ -117,11 +114,10 @@ def make_student(cfg: Config, data: Data, generalist: Net) -> Net:
     has passed)."""
     net_cfg = cfg.distill_back.net or cfg.generalist.net
     torch.manual_seed(cfg.seed)
-    student = build_net(net_cfg, data.input_shape, data.num_classes)
     if cfg.distill_back.init == "generalist":
-        load_weights(student, generalist.state_dict(), "the generalist's weights")
-    else:
-        student.set_input_stats(data.x_train)
+        return load_net(net_cfg, data.input_shape, data.num_classes, generalist.state_dict(), "the generalist's weights")
+    student = build_net(net_cfg, data.input_shape, data.num_classes)
+    student.set_input_stats(data.x_train)
     return student
 
 

@@ -5,16 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
-from .config import Config, ConfigError, from_dict, load_config
-from .pipeline import STAGES, run_pipeline, state, stage_named
+from .config import ConfigError, load_config, run_config
+from .pipeline import STAGES, run_pipeline, stage_named, state
 from .rundir import Manifest
 
 EPILOG = """\
 examples:
-  ensemble run                                   # the whole pipeline on the built-in glyphs data
-  ensemble run --config configs/omniglot.yaml    # a real data set (../shared/data/omniglot28.npz)
+  ensemble run                                   # the whole pipeline on the built-in synthetic data
+  ensemble run --config configs/omniglot.yaml    # a real data set (downloaded through torchvision)
   ensemble run generalist.train.epochs=3 name=quick
   ensemble stage generalist --config configs/emnist.yaml
   ensemble status runs/default
@@ -86,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def status(run_dir: Path) -> int:
     """Print each stage's state, key metric and time for the run in `run_dir`."""
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.yaml)")
-    cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
-    cfg.runs_dir, cfg.name = str(run_dir.parent), run_dir.name
+    cfg = run_config(run_dir)
     manifest = Manifest(run_dir)
     print(f"run {run_dir}")
     print(f"  {'stage':<14}{'state':<14}{'metric':<24}{'seconds':>9}")

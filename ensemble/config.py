@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .layout import RunDir
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -143,7 +145,7 @@ class CombineConfig:
     top_n: list[int] = field(default_factory=lambda: [1, 2, 5])  # the first is the ensemble's; all are evaluated
     method: Literal["fixed_point", "gradient", "within_subset", "auto"] = "within_subset"  # the paper's KL
     #   objective (solved by EM, or by gradient descent as in the paper), or the within-subset rule, which trusts
-    #   the generalist for which subset and the specialist for which class inside it (see specialists.combine);
+    #   the generalist for which subset and the specialist for which class inside it (see combiner.solver);
     #   auto: fixed_point or within_subset, whichever has the higher validation top-1 (the combine stage chooses)
 
 
@@ -221,6 +223,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _merge(raw, _nest(key.strip(), yaml.safe_load(value) if value.strip() else None), prefix="")
     return from_dict(Config, raw)
+
+
+def run_config(run_dir: str | Path) -> Config:
+    """The resolved config a run directory holds, pointing at that directory wherever it now lies."""
+    path = RunDir(run_dir).config
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.yaml)")
+    cfg = from_dict(Config, read_yaml(path, "run config"))
+    cfg.runs_dir, cfg.name = str(Path(run_dir).parent), Path(run_dir).name
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

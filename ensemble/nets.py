@@ -6,10 +6,14 @@ statistics of its training data, kept as buffers so that saved weights are self-
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from .config import NetConfig
+from .rundir import load_tensors
 
 
 class Net(nn.Module):
@@ -112,18 +116,27 @@ def _resnet(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int
     return nn.Sequential(*layers), c_in
 
 
-def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `net`, or raise a ValueError naming `source` and the first tensor that does not
-    fit (a generalist trained with another net config or on another number of classes)."""
+def load_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int,
+             weights: Path | dict[str, torch.Tensor], what: str,
+             adapt: Callable[[Net], nn.Module] | None = None) -> nn.Module:
+    """The net `cfg` for `input_shape` and `num_classes` outputs, made into `adapt(net)` if given (a
+    specialist's own head), with `weights`: a safetensors file or a state dict. Weights that do not fit
+    are a ValueError naming `what` ("the generalist's weights") and the first tensor that differs."""
+    net = build_net(cfg, input_shape, num_classes)
+    net = adapt(net) if adapt is not None else net
+    if not isinstance(weights, dict):
+        what = f"{what} {weights}"
+        weights = load_tensors(weights)
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source} do not fit the configured net: missing {missing[:3]}, unexpected "
+        raise ValueError(f"{what} do not fit the configured net: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]} (were they trained with another net config?)")
     for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source} do not fit the configured net: {key} has shape "
-                             f"{tuple(state[key].shape)}, the net expects {tuple(tensor.shape)} (were they "
+        if tuple(weights[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{what} do not fit the configured net: {key} has shape "
+                             f"{tuple(weights[key].shape)}, the net expects {tuple(tensor.shape)} (were they "
                              f"trained with another net config or number of classes?)")
-    net.load_state_dict(state)
+    net.load_state_dict(weights)
+    return net

@@ -17,16 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import baselines
 import cluster
+import combiner
 import distill_back
 import generalist
-import generalist.baselines
 import specialists
-import specialists.evaluate
-import specialists.stage
 
 from .config import Config, config_hash, to_dict
 from .data import data_fingerprint
+from .layout import STAGE_NAMES, RunDir
 from .rundir import Manifest, file_hash, output_hashes, write_run_files
 
 
@@ -49,17 +49,17 @@ STAGES: tuple[Stage, ...] = (
           metric="confusion_capture"),
     Stage("specialists", specialists.run, lambda c: (c.seed, c.generalist.net, c.specialists, _subsets_file(c),
                                                      data_fingerprint(c.data)),
-          after=("generalist", "cluster"), metric="conditional_gain", check=specialists.stage.check),
-    Stage("baselines", generalist.baselines.run, lambda c: (c.seed, c.generalist, c.baselines,
-                                                          data_fingerprint(c.data)),
-          after=("generalist", "specialists"), metric="compute_top1", check=generalist.baselines.check),
-    Stage("combine", specialists.evaluate.run, lambda c: (c.combine, data_fingerprint(c.data)),
+          after=("generalist", "cluster"), metric="conditional_gain", check=specialists.check),
+    Stage("baselines", baselines.run, lambda c: (c.seed, c.generalist, c.baselines, data_fingerprint(c.data)),
+          after=("generalist", "specialists"), metric="compute_top1", check=baselines.check),
+    Stage("combiner", combiner.run, lambda c: (c.combine, data_fingerprint(c.data)),
           after=("generalist", "specialists", "baselines"), metric="ensemble_top1"),
     Stage("distill_back", distill_back.run, lambda c: (c.seed, c.generalist, c.combine, c.distill_back,
                                                        data_fingerprint(c.data)),
-          after=("generalist", "specialists", "baselines", "combine"), metric="student_top1",
+          after=("generalist", "specialists", "baselines", "combiner"), metric="student_top1",
           check=distill_back.check),
 )
+assert tuple(s.name for s in STAGES) == STAGE_NAMES  # the layout's folders are the stages'
 
 
 def _subsets_file(cfg: Config) -> str | None:
@@ -101,7 +101,7 @@ def run_pipeline(cfg: Config, only: str | None = None) -> dict[str, dict]:
 def run_stage(stage: Stage, cfg: Config, manifest: Manifest) -> dict:
     """Run one stage unless it is done; record status, fingerprint, inputs, outputs and timing."""
     run_dir = cfg.run_dir
-    folder = run_dir / stage.name
+    folder = RunDir(run_dir).stage(stage.name)
     fp, inputs = fingerprint(stage, cfg, manifest)
     entry = manifest.get(stage.name)
     if state(stage, cfg, manifest) == "done":
@@ -142,6 +142,6 @@ def state(stage: Stage, cfg: Config, manifest: Manifest) -> str:
         return entry["status"]
     if entry["fingerprint"] != fingerprint(stage, cfg, manifest)[0]:
         return "stale"
-    if output_hashes(cfg.run_dir / stage.name) != entry["outputs"]:
+    if output_hashes(RunDir(cfg.run_dir).stage(stage.name)) != entry["outputs"]:
         return "stale"
     return "done"

@@ -1,4 +1,5 @@
-"""The run directory, the only interface between stages: atomic writes, content hashes, the manifest."""
+"""Writing and reading the run directory (its layout is `layout.py`'s): atomic writes, safetensors and
+checkpoints, content hashes, the manifest, the files that say what produced a run."""
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-CHECKPOINT = "checkpoint.pt"  # a stage's resumable state: never an output, never hashed
+from .layout import CHECKPOINT, RunDir
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -119,7 +121,7 @@ class Manifest:
     """manifest.json: per stage its status, fingerprint, outputs with hashes, seed and timings."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "manifest.json"
+        self.path = RunDir(run_dir).manifest
         self.stages: dict[str, dict] = read_json(self.path)["stages"] if self.path.exists() else {}
 
     def get(self, stage: str) -> dict:
@@ -135,9 +137,9 @@ class Manifest:
 
 def write_run_files(run_dir: Path, config: dict) -> None:
     """config.yaml (the full resolved config) and env.json (versions, argv, host, git commit)."""
-    run_dir = Path(run_dir)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-    write_json(run_dir / "env.json", environment())
+    paths = RunDir(run_dir)
+    write_text(paths.config, yaml.safe_dump(config, sort_keys=False))
+    write_json(paths.env, environment())
 
 
 def environment() -> dict:

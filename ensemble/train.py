@@ -22,8 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_hash
+from .layout import CHECKPOINT, HISTORY
+from .metrics import classification_metrics
 from .nets import is_conv
-from .rundir import CHECKPOINT, load_checkpoint, save_checkpoint, write_text
+from .rundir import load_checkpoint, save_checkpoint, write_text
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[torch.Generator], torch.Tensor]  # one epoch's example indices, in order
@@ -118,7 +120,7 @@ def fit(
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
             "rng": _rng_state(device), "gen": gen.get_state(),
         })
-        write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        write_text(workdir / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
         if on_epoch is not None:
             on_epoch(history)
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(
@@ -146,17 +148,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torc
     """Top-1, top-5 accuracy and NLL of `model` on labelled uint8 images."""
     logits = predict_logits(model, x, device=device, batch_size=batch_size, channels_last=channels_last)
     return classification_metrics(logits, y, prefix)
-
-
-def classification_metrics(logits: torch.Tensor, y: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Top-1, top-5 accuracy and NLL (mean negative log-likelihood) of logits against labels."""
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    return {
-        f"{prefix}top1": (top[:, 0] == y).float().mean().item(),
-        f"{prefix}top5": (top == y[:, None]).any(dim=1).float().mean().item(),
-        f"{prefix}nll": F.cross_entropy(logits, y).item(),
-    }
 
 
 def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:

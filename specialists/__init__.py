@@ -1,25 +1,20 @@
-"""Stage 3: specialists with dustbin classes and the launcher that trains them (inline or Ray); stage 4:
-the combiner that merges them with the generalist, as a function (`combine`) and a classifier
-(`Combiner`), and its evaluation."""
-from .combine import active_specialists, combine, objective
-from .combiner import Combiner
-from .launch import run_tasks
-from .model import correct_dustbin, dustbin_correction, specialist_net
-from .stage import run
+"""Stage 3: one specialist per class subset, its classes plus a dustbin, started from the generalist and
+trained in parallel by the launcher (inline or Ray tasks)."""
+from .heads import DustbinHead, FullSoftmaxHead, make_head
+from .stage import Specialists, check, load_specialists, run
 from .subsets import load_subsets
-from .task import Job, train_specialist
+from .task import Job, Trained, train_specialist
 
 __all__ = [
-    "Combiner",
+    "DustbinHead",
+    "FullSoftmaxHead",
     "Job",
-    "active_specialists",
-    "combine",
-    "correct_dustbin",
-    "dustbin_correction",
+    "Specialists",
+    "Trained",
+    "check",
+    "load_specialists",
     "load_subsets",
-    "objective",
+    "make_head",
     "run",
-    "run_tasks",
-    "specialist_net",
     "train_specialist",
 ]

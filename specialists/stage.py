@@ -1,69 +1,71 @@
 """Stage 3: one specialist per class subset, trained in parallel by the launcher (inline or Ray).
 
 Writes `specialists/subsets.json` (the subsets, in head order), per specialist `mNNN/model.safetensors`
-(dustbin corrected), `mNNN/metrics.json`, `mNNN/metrics.jsonl`, its last checkpoint, and for the stage
-`report.json` and `specialists.png`. A specialist whose `metrics.json` exists is done: a rerun of an
-interrupted stage trains only the others, resuming each from its last checkpoint.
+(dustbin corrected), `mNNN/metrics.json` (its metrics, and where and when it trained), `mNNN/metrics.jsonl`,
+its last checkpoint, and for the stage `report.json` and `specialists.png`. A specialist whose
+`metrics.json` exists is done: a rerun of an interrupted stage trains only the others, resuming each from
+its last checkpoint. `load_specialists` gives later stages the trained specialists.
 """
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from ensemble.config import Config
+from ensemble.config import Config, specialist_net_config
 from ensemble.data import load_data
-from ensemble.nets import build_net, load_weights
+from ensemble.launch import run_tasks
+from ensemble.layout import NetDir, RunDir
+from ensemble.metrics import conditional_top1
+from ensemble.nets import load_net
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
 from ensemble.train import resolve_device
 
-from .launch import run_tasks
+from .heads import make_head
 from .plots import plot_specialists
 from .subsets import load_subsets, subsets_path
-from .task import Job, train_specialist
-
-NAME = "specialists"
+from .task import Job, Trained, train_specialist
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
     """Train every specialist not yet done; write each one's weights and metrics, then the stage report."""
-    run_dir = Path(run_dir)
-    out = run_dir / NAME
+    paths = RunDir(run_dir)
+    out = paths.stage("specialists")
     data = load_data(cfg.data)
     subsets, skipped = skip_largest(load_subsets(subsets_path(cfg, run_dir), data.class_names),
                                     cfg.specialists.skip_largest)
-    write_json(out / "subsets.json", {"num_classes": data.num_classes, "input_shape": data.input_shape, "subsets": [
-        {"id": m, "classes": s, "names": [data.class_names[i] for i in s]} for m, s in enumerate(subsets)],
+    write_json(paths.specialists_subsets, {
+        "num_classes": data.num_classes, "input_shape": data.input_shape,
+        "subsets": [{"id": m, "classes": s, "names": [data.class_names[i] for i in s]} for m, s in enumerate(subsets)],
         "skipped": skipped})
 
-    weights = run_dir / "generalist" / "model.safetensors"
-    generalist_state = load_tensors(weights)
-    load_weights(build_net(cfg.generalist.net, data.input_shape, data.num_classes), generalist_state,
-                 f"the generalist's weights {weights}")  # fail here, before any task starts
+    generalist_state = load_tensors(paths.generalist.weights)
+    load_net(cfg.generalist.net, data.input_shape, data.num_classes, generalist_state,
+             f"the generalist's weights {paths.generalist.weights}")  # fail here, before any task starts
 
     jobs = [Job(m, tuple(s)) for m, s in enumerate(subsets)]
-    todo = [job for job in jobs if not (out / job.name / "metrics.json").is_file()]
+    todo = [job for job in jobs if not paths.specialist(job.index).metrics.is_file()]
     todo.sort(key=lambda job: -len(job.classes))  # largest first, so the last to finish are short
     print(f"specialists: {len(jobs)} subsets; {len(jobs) - len(todo)} trained in an earlier run, training "
           f"{len(todo)} with the {cfg.launch.backend} backend", flush=True)
-    arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_val": data.x_val, "y_val": data.y_val,
-              "x_test": data.x_test, "y_test": data.y_test, "num_classes": data.num_classes}
     started = time.time()
-    launch = run_tasks(train_specialist, todo, (generalist_state, arrays, cfg), cfg.launch,
-                       lambda job, result: _save(out / job.name, result), checkpoints=out,
-                       device=resolve_device(cfg.device), desc=NAME)
+    launch = run_tasks(train_specialist, todo, (generalist_state, data, cfg), cfg.launch,
+                       lambda job, result: _save(paths.specialist(job.index), result), checkpoints=out,
+                       device=resolve_device(cfg.device), desc="specialists")
     launch["wall_seconds"] = time.time() - started
 
-    test = load_tensors(run_dir / "generalist" / "predictions.safetensors")
-    rows = [_row(job, read_json(out / job.name / "metrics.json"), test["test_probs"], test["test_labels"])
+    test = load_tensors(paths.generalist.predictions)
+    rows = [_row(job, read_json(paths.specialist(job.index).metrics), test["test_probs"], test["test_labels"])
             for job in jobs]
     summary = {**_summary(rows), "restarts": launch.get("restarts", {})}
     trained = [r for r in rows if r["specialist"] in {job.name for job in todo}]
     if trained:  # from submission to the first task's start: worker start-up and fetching the inputs
         launch["first_task_latency"] = min(r["started"] for r in trained) - launch["submitted"]
-    write_json(out / "report.json", {**summary, "launch": {**launch, "trained": len(todo)}, "specialists": rows})
+    write_json(paths.specialists_report, {**summary, "launch": {**launch, "trained": len(todo)}, "specialists": rows})
     plot_specialists(out / "specialists.png", rows)
     print(_table(rows), flush=True)
     print(f"specialists: conditional top-1 {summary['conditional_top1']:.4f} vs the generalist's "
@@ -95,24 +97,48 @@ def skip_largest(subsets: list[list[int]], k: int) -> tuple[list[list[int]], lis
     return [s for m, s in enumerate(subsets) if m not in drop], [s for m, s in enumerate(subsets) if m in drop]
 
 
-def _save(folder: Path, result: dict) -> None:
+@dataclass(frozen=True)
+class Specialists:
+    """A run's trained specialists as the combiner sees them (logits over their subset, then the
+    dustbin), their subsets in head order, and the data's shape they were trained on."""
+
+    nets: list[nn.Module]
+    subsets: list[list[int]]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def load_specialists(run_dir: Path, cfg: Config) -> Specialists:
+    """The specialists a run's specialists stage left, rebuilt from its config and weights."""
+    paths = RunDir(run_dir)
+    if not paths.specialists_subsets.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no trained specialists (no {paths.specialists_subsets}): "
+                                f"run `ensemble run` for it first")
+    info = read_json(paths.specialists_subsets)
+    subsets = [s["classes"] for s in info["subsets"]]
+    shape, num_classes = tuple(info["input_shape"]), info["num_classes"]
+    nets = []
+    for m, subset in enumerate(subsets):
+        weights = paths.specialist(m).weights
+        if not weights.is_file():
+            raise FileNotFoundError(f"specialist {m} of {run_dir} is missing ({weights}): rerun `ensemble run`")
+        nets.append(make_head(cfg.specialists, subset).load(specialist_net_config(cfg), shape, num_classes, weights))
+    return Specialists(nets, subsets, shape, num_classes)
+
+
+def _save(folder: NetDir, result: Trained) -> None:
     """Write a finished specialist: weights and history first, metrics last (their presence marks it done)."""
-    save_tensors(folder / "model.safetensors", result["state"])
-    write_text(folder / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in result["history"]))
-    write_json(folder / "metrics.json", result["metrics"])
+    save_tensors(folder.weights, result.weights)
+    write_text(folder.history, "".join(json.dumps(row) + "\n" for row in result.history))
+    write_json(folder.metrics, {**result.metrics, "provenance": result.provenance})
 
 
-def generalist_conditional_top1(probs: torch.Tensor, labels: torch.Tensor, subset: list[int]) -> float:
-    """The generalist's accuracy on examples of `subset` when its prediction is restricted to the subset."""
-    classes = torch.tensor(subset)
-    inside = torch.isin(labels, classes)
-    predicted = classes[probs[inside][:, classes].argmax(dim=1)]
-    return (predicted == labels[inside]).float().mean().item()
-
-
-def _row(job: Job, metrics: dict, probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    general = generalist_conditional_top1(probs, labels, list(job.classes))
-    return {"specialist": job.name, **metrics, "generalist_conditional_top1": general,
+def _row(job: Job, recorded: dict, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """A specialist's line in the report: its metrics and provenance, and the generalist's conditional
+    top-1 on the same subset."""
+    general = conditional_top1(probs, labels, [torch.tensor(job.classes)])
+    metrics = {k: v for k, v in recorded.items() if k != "provenance"}
+    return {"specialist": job.name, **metrics, **recorded["provenance"], "generalist_conditional_top1": general,
             "conditional_gain": metrics["conditional_top1"] - general}
 
 

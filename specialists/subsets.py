@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.config import Config, read_yaml
+from ensemble.layout import RunDir
 
 
 def subsets_path(cfg: Config, run_dir: Path) -> Path:
     """`specialists.subsets` if set, else the cluster stage's `subsets.json`."""
     if cfg.specialists.subsets is not None:
         return Path(cfg.specialists.subsets)
-    return Path(run_dir) / "cluster" / "subsets.json"
+    return RunDir(run_dir).cluster_subsets
 
 
 def load_subsets(path: Path, class_names: list[str]) -> list[list[int]]:

@@ -6,15 +6,15 @@ from collections import Counter
 import pytest
 from conftest import specialists_run
 
+from baselines import baseline_rows, budgets, training_compute, training_examples
+from combiner import load_ensemble
 from ensemble.config import specialist_net_config
 from ensemble.cost import multiply_adds
 from ensemble.data import load_data
 from ensemble.nets import build_net
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import write_json
-from generalist.baselines import baseline_rows, budgets, training_compute, training_examples
-from specialists import task
-from specialists.combiner import load_ensemble
+from specialists import heads, task
 
 
 def test_budgets_add_all_specialists_for_compute_and_the_largest_for_wall_clock():
@@ -54,7 +54,7 @@ def test_the_equal_compute_baseline_comes_last_even_on_a_tie(tmp_path, wall_cloc
 
 @pytest.mark.parametrize("head", ["dustbin", "full"])
 def test_specialists_also_pay_for_the_forward_passes_they_make(upstream, tmp_path, monkeypatch, head):
-    monkeypatch.setattr(task, "DUSTBIN_SAMPLE", 500)  # below the 1,293 training images: the cap counts
+    monkeypatch.setattr(heads, "DUSTBIN_SAMPLE", 500)  # below the 1,293 training images: the cap counts
     cfg = specialists_run(upstream, tmp_path, f"specialists.head={head}", "specialists.width=96")
     data = load_data(cfg.data)
     n, n_val, n_test = len(data.x_train), len(data.x_val), len(data.x_test)
@@ -66,6 +66,7 @@ def test_specialists_also_pay_for_the_forward_passes_they_make(upstream, tmp_pat
         return predict(net, x, **kwargs)
 
     monkeypatch.setattr(task, "predict_logits", counted)
+    monkeypatch.setattr(heads, "predict_logits", counted)
     run_pipeline(cfg, only="specialists")
     general, special = training_examples(cfg.run_dir)
     generalist, nets, _ = load_ensemble(cfg.run_dir, cfg)

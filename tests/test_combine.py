@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from specialists.combine import _extrapolate, combine, objective
+from combiner.solver import _extrapolate, combine, objective
 
 
 def random_case(seed: int, examples: int = 12, classes: int = 30, specialists: int = 6, size: int = 8,

@@ -5,19 +5,18 @@ import pytest
 import torch
 from conftest import specialists_run
 
-from ensemble.data import load_data
-from ensemble.pipeline import run_pipeline
-from ensemble.rundir import load_tensors
-from ensemble.train import predict_logits
-from specialists import Combiner, combine
-from specialists.combiner import combine_method, load_ensemble
-from specialists.evaluate import (
+from combiner import Combiner, combine, combine_method, load_ensemble
+from combiner.stage import (
     average_combine,
     compare,
     conditional_top1,
     expand,
     lowest_dustbin_combine,
 )
+from ensemble.data import load_data
+from ensemble.pipeline import run_pipeline
+from ensemble.rundir import load_tensors
+from ensemble.train import predict_logits
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +58,7 @@ def test_combiner_runs_only_the_specialists_an_example_needs(trained):
 
 
 def test_evaluation_tables_match_a_slow_recount(trained):
-    report = json.loads((trained.run_dir / "combine" / "eval.json").read_text())
+    report = json.loads((trained.run_dir / "combiner" / "eval.json").read_text())
     preds = load_tensors(trained.run_dir / "generalist" / "predictions.safetensors")
     labels = preds["test_labels"]
     assert [r["system"] for r in report["table3"]] == [  # the configured combiner (the default) first
@@ -77,14 +76,14 @@ def test_evaluation_tables_match_a_slow_recount(trained):
         combined = next(r for r in report["table3"] if r["system"] == name)
         delta = sum(r["delta_correct"] for r in rows)
         assert combined["test_top1"] - general["test_top1"] == pytest.approx(delta / len(labels))
-    assert (trained.run_dir / "combine" / "table4.png").stat().st_size > 5_000
-    assert "Table 3" in (trained.run_dir / "combine" / "tables.md").read_text()
+    assert (trained.run_dir / "combiner" / "table4.png").stat().st_size > 5_000
+    assert "Table 3" in (trained.run_dir / "combiner" / "tables.md").read_text()
 
 
 def test_verdict_compares_the_ensemble_with_each_baseline_on_the_same_images(trained):
     """eval.json's verdict rows recount from the saved predictions; the call is the last (equal-compute) row's."""
     run = trained.run_dir
-    report = json.loads((run / "combine" / "eval.json").read_text())
+    report = json.loads((run / "combiner" / "eval.json").read_text())
     labels = load_tensors(run / "generalist" / "predictions.safetensors")["test_labels"]
     x = load_data(trained.data).x_test
     right = Combiner.from_run(run).predict(x) == labels
@@ -96,7 +95,7 @@ def test_verdict_compares_the_ensemble_with_each_baseline_on_the_same_images(tra
     last = rows[-1]
     assert (last["won"], last["lost"]) == (int((right & (pred != labels)).sum()), int((~right & (pred == labels)).sum()))
     assert (report["verdict"], report["verdict_rival"]) == (last["call"], last["rival"])
-    text = (run / "combine" / "tables.md").read_text()
+    text = (run / "combiner" / "tables.md").read_text()
     assert "Verdict" in text and ("The ensemble pays" in text) == (last["call"] == "beats")
 
 
@@ -119,10 +118,10 @@ def test_without_baselines_the_verdict_says_it_cannot_tell(upstream, tmp_path):
     cfg = specialists_run(upstream, tmp_path, "baselines.budgets=[]")
     run_pipeline(cfg, only="specialists")
     run_pipeline(cfg, only="baselines")
-    run_pipeline(cfg, only="combine")
-    report = json.loads((cfg.run_dir / "combine" / "eval.json").read_text())
+    run_pipeline(cfg, only="combiner")
+    report = json.loads((cfg.run_dir / "combiner" / "eval.json").read_text())
     assert report["verdict_rival"] == "generalist"
-    assert "No baselines were trained" in (cfg.run_dir / "combine" / "tables.md").read_text()
+    assert "No baselines were trained" in (cfg.run_dir / "combiner" / "tables.md").read_text()
     assert not (cfg.run_dir / "baselines" / "compute").exists()
 
 
@@ -133,15 +132,15 @@ def test_auto_combiner_is_the_one_with_the_higher_validation_top1(trained, tmp_p
 
     from conftest import SPECIALISTS_TINY
 
+    from combiner.stage import AUTO
     from ensemble.config import load_config
-    from specialists.evaluate import AUTO
 
-    shutil.copytree(trained.run_dir, tmp_path / "r", ignore=shutil.ignore_patterns("combine", "distill_back"))
+    shutil.copytree(trained.run_dir, tmp_path / "r", ignore=shutil.ignore_patterns("combiner", "distill_back"))
     cfg = load_config(None, [*SPECIALISTS_TINY, f"runs_dir={tmp_path}", "name=r", "combine.method=auto"])
     with pytest.raises(FileNotFoundError, match="combine.method=auto"):
         combine_method(cfg.run_dir, cfg)  # not chosen yet
-    run_pipeline(cfg, only="combine")
-    report = json.loads((cfg.run_dir / "combine" / "eval.json").read_text())
+    run_pipeline(cfg, only="combiner")
+    report = json.loads((cfg.run_dir / "combiner" / "eval.json").read_text())
     data = load_data(cfg.data)
     recount = {m: (Combiner.from_run(cfg.run_dir, method=m).predict(data.x_val) == data.y_val).float().mean().item()
                for m in AUTO}
@@ -208,3 +207,18 @@ def test_within_subset_combiner_when_the_dustbin_holds_nearly_everything(dtype):
     torch.testing.assert_close(q.sum(1), torch.ones(2, dtype=dtype))
     torch.testing.assert_close(q[0], torch.tensor([0.2, 0.6, 0.2], dtype=dtype))  # 0.8 shared 1:3
     torch.testing.assert_close(q[1], p_general[1])  # nothing left inside: the generalist's own proportions
+
+
+def test_combiners_run_block_by_block_as_on_the_whole_test_set(monkeypatch):
+    """The combiner stage combines ROWS examples at a time (memory): the same q as all at once."""
+    import combiner.stage as evaluate
+
+    g = torch.Generator().manual_seed(0)
+    p_general = torch.randn(23, 12, generator=g, dtype=torch.float64).softmax(dim=1)
+    subsets = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 4, 5])]
+    probs = [torch.randn(23, len(s) + 1, generator=g, dtype=torch.float64).softmax(dim=1) for s in subsets]
+    monkeypatch.setattr(evaluate, "ROWS", 5)
+    for combiner in (lambda pg, ps: combine(pg, ps, subsets, top_n=1),
+                     lambda pg, ps: evaluate.average_combine(pg, ps, subsets, 1),
+                     lambda pg, ps: evaluate.lowest_dustbin_combine(pg, ps, subsets, 1)):
+        torch.testing.assert_close(evaluate._by_rows(combiner, p_general, probs), combiner(p_general, probs).float())

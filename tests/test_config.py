@@ -93,7 +93,7 @@ def test_default_yaml_is_the_built_in_default():
 
 
 def test_a_baseline_named_twice_is_refused_before_any_stage_runs():
-    from generalist.baselines import check
+    from baselines import check
 
     with pytest.raises(ValueError, match="must be distinct"):
         check(load_config(None, ["baselines.budgets=[compute, compute]"]))

@@ -7,14 +7,13 @@ import torch
 from conftest import SPECIALISTS_TINY, specialists_run
 
 import distill_back.stage
+from combiner import Combiner, load_ensemble
 from ensemble.config import load_config
 from ensemble.cost import multiply_adds
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import load_tensors
 from ensemble.train import predict_logits
-from specialists import Combiner
-from specialists.combiner import load_ensemble
 
 OPTIONS = ["distill_back.augmented_copies=1", "distill_back.temperature=3"]
 
@@ -80,7 +79,7 @@ def test_report_counts_compute_and_the_baselines_get_it(distilled):
     assert rows["student"]["parameters"] == rows["generalist"]["parameters"]
     assert rows["ensemble"]["parameters"] > 3 * rows["generalist"]["parameters"]
     assert rows["student"]["multiply_adds"] == rows["generalist"]["multiply_adds"] < rows["ensemble"]["multiply_adds"]
-    combine = json.loads((run / "combine" / "eval.json").read_text())
+    combine = json.loads((run / "combiner" / "eval.json").read_text())
     assert rows["ensemble"]["test_top1"] == pytest.approx(combine["ensemble_top1"], abs=1.5 / len(data.y_test))
     gain = report["ensemble_top1"] - report["generalist_top1"]
     assert combine["comparisons"][0]["rival"] == "generalist" and combine["comparisons"][0]["call"] == "beats"

@@ -121,10 +121,10 @@ def test_submitted_pipeline_runs_specialists_on_both_nodes(cluster, tmp_path):
         in done.stdout
     manifest = json.loads((runs / "job" / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done"
-               for s in ("generalist", "cluster", "specialists", "combine", "distill_back"))
+               for s in ("generalist", "cluster", "specialists", "combiner", "distill_back"))
     metrics = [json.loads(p.read_text()) for p in sorted((runs / "job" / "specialists").glob("m*/metrics.json"))]
     assert len(metrics) == 4
-    assert len({m["node_id"] for m in metrics}) == 2, [m["node_id"] for m in metrics]
+    assert len({m["provenance"]["node_id"] for m in metrics}) == 2, [m["provenance"]["node_id"] for m in metrics]
 
 
 def test_a_client_without_the_token_is_turned_away(cluster, tmp_path):
@@ -153,7 +153,7 @@ def _nested(overrides: list[str]) -> dict:
 LISTENING = """
 import os, subprocess, sys
 from ensemble.config import LaunchConfig
-from specialists.launch import ray_session
+from ensemble.launch import ray_session
 import ray
 
 with ray_session(LaunchConfig()):

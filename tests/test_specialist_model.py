@@ -5,18 +5,19 @@ import pytest
 import torch
 
 from ensemble.config import Config, NetConfig, TrainConfig
+from ensemble.data import Data
+from ensemble.launch import CheckpointStore
 from ensemble.nets import build_net
 from ensemble.train import fit, predict_logits
-from specialists.model import (
+from specialists.heads import (
     FullSoftmax,
+    FullSoftmaxHead,
     collapse,
-    correct_dustbin,
     dustbin_correction,
     outside_distillation_loss,
     specialist_net,
 )
 from specialists.sampling import local_labels, subset_sampler
-from specialists.store import CheckpointStore
 from specialists.task import Job, train_specialist
 
 CPU = torch.device("cpu")
@@ -27,6 +28,10 @@ def _trained_generalist(tmp_path, x, y, classes, epochs=4):
     net.set_input_stats(x)
     fit(net, x, y, TrainConfig(epochs=epochs, batch_size=64, augment="none"), tmp_path / "g", seed=0, device=CPU)
     return net.eval()
+
+
+def _data(x, y, x_val, y_val, x_test, y_test):
+    return Data(x, y, x_val, y_val, x_test, y_test, class_names=[str(c) for c in range(10)])
 
 
 def _blobs(n_per_class, classes=10, spread=0.55, seed=0):
@@ -110,8 +115,7 @@ def _trained_at_natural_share(tmp_path, head):
     cfg.specialists.head = head
     cfg.specialists.train = TrainConfig(epochs=6, batch_size=64, lr=2e-3, augment="none")
     cfg.specialists.select_on_validation = False
-    data = {"x_train": x, "y_train": y, "x_val": x_test, "y_val": y_test, "x_test": x_test, "y_test": y_test,
-            "num_classes": 10}
+    data = _data(x, y, x_test, y_test, x_test, y_test)
     return gen, train_specialist(Job(0, (1, 4)), None, CheckpointStore(tmp_path / "s"), CPU, gen.state_dict(),
                                  data, cfg), x_test
 
@@ -120,7 +124,7 @@ def test_corrected_dustbin_matches_the_natural_share_and_uncorrected_does_not(tm
     """Trained at rho = 0.5 on a subset whose natural share is 0.2, the specialist over-predicts the
     subset; the prior correction makes its mean dustbin probability on natural data the true 0.8."""
     gen, result, x_test = _trained_at_natural_share(tmp_path, "dustbin")
-    m = result["metrics"]
+    m = result.metrics
     assert m["kept"] == "trained"
     assert m["natural_share"] == pytest.approx(0.2) and m["dustbin_true_share"] == pytest.approx(0.8)
     assert m["dustbin_shift"] == pytest.approx(math.log(4))
@@ -128,7 +132,7 @@ def test_corrected_dustbin_matches_the_natural_share_and_uncorrected_does_not(tm
     assert m["dustbin_mean_prob_uncorrected"] < 0.8 - 0.08
     # the returned weights carry the correction: the model itself predicts the natural share
     spec = specialist_net(gen, torch.tensor([1, 4]), torch.zeros(1, 32))
-    spec.load_state_dict(result["state"])
+    spec.load_state_dict(result.weights)
     p_bin = predict_logits(spec, x_test, device=CPU).softmax(1)[:, -1]
     assert p_bin.mean().item() == pytest.approx(m["dustbin_mean_prob"], abs=1e-5)
 
@@ -145,11 +149,10 @@ def test_specialist_keeps_its_start_unless_training_beats_it_on_validation(tmp_p
     cfg = Config()
     cfg.generalist.net = NetConfig(name="mlp", width=32)
     cfg.specialists.train = TrainConfig(epochs=4, batch_size=64, lr=lr, augment="none")
-    data = {"x_train": x, "y_train": y, "x_val": x_val, "y_val": y_val, "x_test": x_test, "y_test": y_test,
-            "num_classes": 10}
+    data = _data(x, y, x_val, y_val, x_test, y_test)
     subset = torch.tensor([1, 4, 6])
     m = train_specialist(Job(0, tuple(subset.tolist())), None, CheckpointStore(tmp_path / "s"), CPU,
-                         gen.state_dict(), data, cfg)["metrics"]
+                         gen.state_dict(), data, cfg).metrics
     assert m["kept"] == kept
     if kept == "start":
         assert m["val_conditional_top1_trained"] == m["val_conditional_top1_start"] and m["dustbin_shift"] == 0
@@ -168,7 +171,7 @@ def test_full_softmax_is_seen_as_the_collapsed_distribution_and_its_correction_s
     p = predict_logits(gen, x, device=CPU).double().softmax(1)
     z = predict_logits(spec, x, device=CPU).double()
     torch.testing.assert_close(z.softmax(1), collapse(p, subset))
-    correct_dustbin(spec, 1.5)
+    FullSoftmaxHead(subset, hidden=0).shift_dustbin(spec, 1.5)
     shifted = predict_logits(spec, x, device=CPU).double()
     torch.testing.assert_close(shifted[:, -1] - z[:, -1], torch.full((len(x),), 1.5, dtype=torch.float64))
     torch.testing.assert_close(shifted[:, :-1], z[:, :-1])
@@ -194,11 +197,11 @@ def test_full_softmax_specialist_trains_keeps_the_outside_and_is_corrected(tmp_p
     still predicts the natural share of its dustbin after the prior correction, and its returned weights
     are a full net that, wrapped again, gives the metrics' predictions."""
     gen, result, x_test = _trained_at_natural_share(tmp_path, "full")
-    m = result["metrics"]
+    m = result.metrics
     assert m["dustbin_shift"] == pytest.approx(math.log(4))
     assert abs(m["dustbin_mean_prob"] - 0.8) < 0.03 and m["dustbin_mean_prob_uncorrected"] < 0.8 - 0.08
     net = build_net(NetConfig(name="mlp", width=32), (1, 4, 4), 10)
-    net.load_state_dict(result["state"])
+    net.load_state_dict(result.weights)
     p_bin = predict_logits(FullSoftmax(net, torch.tensor([1, 4])), x_test, device=CPU).softmax(1)[:, -1]
     assert p_bin.mean().item() == pytest.approx(m["dustbin_mean_prob"], abs=1e-5)
     # outside the subset it stays close to the generalist: test KL 0.024 here, against 0.062 when the
@@ -240,11 +243,11 @@ def test_a_frozen_trunk_keeps_the_generalists_weights_and_batch_norm_statistics(
     fit(gen, x, y, TrainConfig(epochs=1, batch_size=64, augment="none"), tmp_path / "g", seed=0, device=CPU)
     cfg.specialists.train = TrainConfig(epochs=2, batch_size=64, augment="none")
     cfg.specialists.select_on_validation = False
-    data = {"x_train": x, "y_train": y, "x_val": x, "y_val": y, "x_test": x, "y_test": y, "num_classes": 10}
+    data = _data(x, y, x, y, x, y)
     for freeze in (True, False):
         cfg.specialists.freeze_trunk = freeze
         state = train_specialist(Job(0, (1, 4)), None, CheckpointStore(tmp_path / f"s{freeze}"), CPU,
-                                 gen.state_dict(), data, cfg)["state"]
+                                 gen.state_dict(), data, cfg).weights
         same = [torch.equal(state[k], v) for k, v in gen.state_dict().items() if k.startswith("trunk.")]
         assert all(same) if freeze else not any(same[:2])  # the first conv and BN weights move when trained
         assert not torch.equal(state["head.bias"][:2], gen.state_dict()["head.bias"][[1, 4]])  # the head learns
@@ -252,7 +255,7 @@ def test_a_frozen_trunk_keeps_the_generalists_weights_and_batch_norm_statistics(
 
 @pytest.mark.parametrize("name, shape", [("mlp", (1, 4, 4)), ("cnn", (1, 16, 16)), ("resnet", (1, 16, 16))])
 def test_widen_computes_what_the_narrow_net_computes(name, shape):
-    from specialists.model import widen
+    from specialists.heads import widen
 
     torch.manual_seed(0)
     narrow = build_net(NetConfig(name=name, width=4, depth=2), shape, 7).eval()
@@ -272,8 +275,8 @@ def test_wider_specialists_train_and_load_as_the_ensemble(upstream, tmp_path):
     """specialists.width: trained from the widened generalist, saved and rebuilt at their own width."""
     from conftest import specialists_run
 
+    from combiner import load_ensemble
     from ensemble.pipeline import run_pipeline
-    from specialists.combiner import load_ensemble
 
     cfg = specialists_run(upstream, tmp_path, "specialists.width=96", "specialists.select_on_validation=false")
     run_pipeline(cfg, only="specialists")
@@ -284,7 +287,7 @@ def test_wider_specialists_train_and_load_as_the_ensemble(upstream, tmp_path):
 
 
 def test_a_residual_head_starts_as_the_linear_head_and_learns_its_own_layer():
-    from specialists.model import ResidualHead
+    from specialists.heads import ResidualHead
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(6, 4)
@@ -305,10 +308,10 @@ def test_specialists_with_their_own_head_on_a_shared_trunk_train_and_load_as_the
     trained hidden layer, and the ensemble rebuilds it."""
     from conftest import specialists_run
 
+    from combiner import load_ensemble
     from ensemble.pipeline import run_pipeline
     from ensemble.rundir import load_tensors
-    from specialists.combiner import load_ensemble
-    from specialists.model import FullSoftmax, ResidualHead
+    from specialists.heads import FullSoftmax, ResidualHead
 
     cfg = specialists_run(upstream, tmp_path, "specialists.head_hidden=16", "specialists.freeze_trunk=true",
                           f"specialists.head={head}", "specialists.select_on_validation=false")

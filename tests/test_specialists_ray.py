@@ -14,9 +14,9 @@ import torch
 from conftest import specialists_run
 
 from ensemble.config import LaunchConfig
+from ensemble.launch import run_tasks, store_name
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import load_tensors
-from specialists.launch import run_tasks, store_name
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import a test module
 
@@ -102,9 +102,9 @@ def test_killed_worker_resumes_its_specialist(cluster, upstream, tmp_path):
     assert killed is not None and outcome, "the stage did not finish"
 
     metrics = {m: json.loads((out / m / "metrics.json").read_text()) for m in ("m000", "m001", "m002")}
-    m000 = metrics["m000"]
+    m000 = metrics["m000"]["provenance"]
     assert 2 <= killed["epoch"] <= m000["resumed_from_epoch"] < 60 and m000["pid"] != killed["pid"]
-    assert all(m["epochs"] == 60 and m["device"] == "cpu" for m in metrics.values())
+    assert all(m["epochs"] == 60 and m["provenance"]["device"] == "cpu" for m in metrics.values())
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the Ray task (1 CPU), so both compute in the same order

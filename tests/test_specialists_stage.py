@@ -7,10 +7,9 @@ from conftest import specialists_run
 
 import specialists
 import specialists.stage
+from ensemble.launch import CheckpointStore, check_resources
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, load_tensors
-from specialists.launch import check_resources
-from specialists.store import CheckpointStore
 
 
 def test_stage_writes_every_specialist_and_the_report(upstream, tmp_path):
@@ -61,7 +60,7 @@ def test_interrupted_stage_reruns_only_the_missing_specialists(upstream, tmp_pat
     run_pipeline(cfg)
     assert trained == ["m001", "m002"]
     assert (out / "m000" / "model.safetensors").stat().st_mtime_ns == done_before
-    assert json.loads((out / "m001" / "metrics.json").read_text())["resumed_from_epoch"] == 1
+    assert json.loads((out / "m001" / "metrics.json").read_text())["provenance"]["resumed_from_epoch"] == 1
 
     # resumed through the store, m001 ends exactly where an uninterrupted run ends
     run_pipeline(specialists_run(upstream, tmp_path, name="fresh"))
@@ -112,19 +111,3 @@ def test_resources_no_node_has_are_an_error():
         check_resources(nodes, 1, 2)
     with pytest.raises(ValueError, match="whole number"):
         check_resources(nodes, 1, 1.5)
-
-
-def test_combiners_run_block_by_block_as_on_the_whole_test_set(monkeypatch):
-    """The combine stage combines ROWS examples at a time (memory): the same q as all at once."""
-    import specialists.evaluate as evaluate
-    from specialists.combine import combine
-
-    g = torch.Generator().manual_seed(0)
-    p_general = torch.randn(23, 12, generator=g, dtype=torch.float64).softmax(dim=1)
-    subsets = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 4, 5])]
-    probs = [torch.randn(23, len(s) + 1, generator=g, dtype=torch.float64).softmax(dim=1) for s in subsets]
-    monkeypatch.setattr(evaluate, "ROWS", 5)
-    for combiner in (lambda pg, ps: combine(pg, ps, subsets, top_n=1),
-                     lambda pg, ps: evaluate.average_combine(pg, ps, subsets, 1),
-                     lambda pg, ps: evaluate.lowest_dustbin_combine(pg, ps, subsets, 1)):
-        torch.testing.assert_close(evaluate._by_rows(combiner, p_general, probs), combiner(p_general, probs).float())

@@ -1,6 +1,6 @@
 """`Combiner`: a generalist and its specialists used as one classifier, from Python.
 
-    from specialists import Combiner
+    from combiner import Combiner
     ensemble = Combiner.from_run("runs/default")
     probs = ensemble.predict_proba(images)   # uint8 (N, C, H, W), or floats in [0, 1]
     labels = ensemble.predict(images)
@@ -11,16 +11,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from ensemble.config import Config, from_dict, specialist_net_config
-from ensemble.nets import build_net, load_weights
-from ensemble.rundir import load_tensors, read_json
+from ensemble.config import Config, run_config
+from ensemble.layout import RunDir
+from ensemble.nets import load_net
+from ensemble.rundir import read_json
 from ensemble.train import resolve_device
+from specialists import load_specialists
+from specialists.heads import collapse
 
-from .combine import Method, active_specialists, combine
-from .model import FullSoftmax, collapse, with_own_head
+from .solver import Method, active_specialists, combine
 
 
 class Combiner:
@@ -43,10 +44,7 @@ class Combiner:
         """The generalist and specialists a run directory holds (its specialists stage must be done),
         combined as its config says (the first `combine.top_n`, `combine.method`) unless `kwargs` say
         otherwise."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (it has no config.yaml)")
-        cfg = from_dict(Config, yaml.safe_load((run_dir / "config.yaml").read_text()))
+        cfg = run_config(run_dir)
         if "method" not in kwargs:
             kwargs["method"] = combine_method(run_dir, cfg)
         kwargs = {"top_n": cfg.combine.top_n[0], **kwargs}
@@ -77,36 +75,19 @@ class Combiner:
 
 
 def combine_method(run_dir: Path, cfg: Config) -> Method:
-    """The run's combiner: `combine.method`, or for `auto` the one its combine stage chose on validation."""
+    """The run's combiner: `combine.method`, or for `auto` the one its combiner stage chose on validation."""
     if cfg.combine.method != "auto":
         return cfg.combine.method
-    path = Path(run_dir) / "combine" / "eval.json"
+    path = RunDir(run_dir).evaluation
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} uses combine.method=auto, which its combine stage resolves: run "
-                                f"`ensemble run` or `ensemble stage combine` for it first")
+        raise FileNotFoundError(f"{run_dir} uses combine.method=auto, which its combiner stage resolves: run "
+                                f"`ensemble run` or `ensemble stage combiner` for it first")
     return read_json(path)["method"]
 
 
 def load_ensemble(run_dir: Path, cfg: Config) -> tuple[nn.Module, list[nn.Module], list[list[int]]]:
     """The generalist, the specialists and their subsets, as a run's specialists stage left them."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "specialists" / "subsets.json").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no trained specialists (no specialists/subsets.json): "
-                                f"run `ensemble run` for it first")
-    info = read_json(run_dir / "specialists" / "subsets.json")
-    subsets = [s["classes"] for s in info["subsets"]]
-    shape = tuple(info["input_shape"])
-    generalist = build_net(cfg.generalist.net, shape, info["num_classes"])
-    load_weights(generalist, load_tensors(run_dir / "generalist" / "model.safetensors"),
-                 f"the generalist's weights in {run_dir}")
-    specialists = []
-    for m, subset in enumerate(subsets):
-        path = run_dir / "specialists" / f"m{m:03d}" / "model.safetensors"
-        if not path.is_file():
-            raise FileNotFoundError(f"specialist {m} of {run_dir} is missing ({path}): rerun `ensemble run`")
-        full = cfg.specialists.head == "full"
-        net = with_own_head(build_net(specialist_net_config(cfg), shape, info["num_classes"] if full else len(subset) + 1),
-                            cfg.specialists.head_hidden)
-        load_weights(net, load_tensors(path), f"the specialist's weights {path}")
-        specialists.append(FullSoftmax(net, torch.tensor(subset)) if full else net)
-    return generalist, specialists, subsets
+    specialists = load_specialists(run_dir, cfg)
+    generalist = load_net(cfg.generalist.net, specialists.input_shape, specialists.num_classes,
+                          RunDir(run_dir).generalist.weights, "the generalist's weights")
+    return generalist, specialists.nets, specialists.subsets

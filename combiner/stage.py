@@ -1,4 +1,4 @@
-"""Stage 4, `combine`: the ensemble on the test set, in the form of the paper's Tables 3 and 4.
+"""Stage 5, `combiner`: the ensemble on the test set, in the form of the paper's Tables 3 and 4.
 
 Table 3: test top-1 and conditional top-1 of the generalist and of generalist + specialists, for each
 `combine.top_n` and for three simpler combiners of the same models. Conditional top-1 counts, for every
@@ -21,17 +21,18 @@ from pathlib import Path
 
 import torch
 
+from baselines import baseline_rows
 from ensemble.config import Config
 from ensemble.data import load_data
+from ensemble.layout import RunDir
+from ensemble.metrics import conditional_top1
 from ensemble.rundir import load_tensors, write_json, write_text
 from ensemble.train import predict_logits, resolve_device
-from generalist.baselines import baseline_rows
+from specialists import load_specialists
 
-from .combine import active_specialists, combine
-from .combiner import load_ensemble
 from .plots import plot_table4
+from .solver import active_specialists, combine
 
-NAME = "combine"
 ROWS = 2048  # test examples combined at a time
 LABELS = {"fixed_point": "KL combiner", "gradient": "KL combiner", "within_subset": "within-subset combiner"}
 
@@ -39,11 +40,11 @@ LABELS = {"fixed_point": "KL combiner", "gradient": "KL combiner", "within_subse
 def run(run_dir: Path, cfg: Config) -> dict:
     """Run every specialist on the test set once, combine for each setting, write `eval.json`,
     `tables.md` and `table4.png`."""
-    run_dir = Path(run_dir)
-    out = run_dir / NAME
+    paths = RunDir(run_dir)
     data = load_data(cfg.data)
-    _, specialists, subsets = load_ensemble(run_dir, cfg)
-    preds = load_tensors(run_dir / "generalist" / "predictions.safetensors")
+    loaded = load_specialists(run_dir, cfg)
+    specialists, subsets = loaded.nets, loaded.subsets
+    preds = load_tensors(paths.generalist.predictions)
     p_general, labels = preds["test_probs"].double(), preds["test_labels"]
     device = resolve_device(cfg.device)
     batch = cfg.specialists.train.eval_batch_size
@@ -81,7 +82,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     ensemble_right = systems[headline["system"]][0].argmax(dim=1) == labels
     rivals = {"generalist": (p_general.argmax(dim=1) == labels, table3[0]["test_top1"])}
     for row in baseline_rows(run_dir):
-        pred = load_tensors(run_dir / "baselines" / row["budget"] / "predictions.safetensors")["test_pred"]
+        pred = load_tensors(paths.baseline(row["budget"]).predictions)["test_pred"]
         rivals[f"{row['system']} ({row['epochs']} epochs)"] = (pred == labels, row["test_top1"])
     verdict = compare(ensemble_right, rivals)
     summary = {
@@ -92,11 +93,11 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "num_specialists": len(subsets), "verdict": verdict[-1]["call"], "verdict_rival": verdict[-1]["rival"],
         "verdict_difference": verdict[-1]["difference"],
     }
-    write_json(out / "eval.json", {**summary, "method_choice": choice, "table3": table3, "table4": table4,
+    write_json(paths.evaluation, {**summary, "method_choice": choice, "table3": table3, "table4": table4,
                                    "comparisons": verdict})
     text = tables_markdown(table3, table4, len(subsets)) + "\n" + verdict_markdown(verdict)
-    write_text(out / "tables.md", text)
-    plot_table4(out / "table4.png", table4)
+    write_text(paths.tables, text)
+    plot_table4(paths.stage("combiner") / "table4.png", table4)
     print(text, flush=True)
     return summary
 
@@ -131,7 +132,7 @@ def compare(right: torch.Tensor, rivals: dict[str, tuple[torch.Tensor, float]]) 
 
 
 def beats_generalist(evaluation: dict) -> bool:
-    """Whether a combine stage's `eval.json` found the ensemble better than its generalist beyond two
+    """Whether a combiner stage's `eval.json` found the ensemble better than its generalist beyond two
     paired standard errors."""
     return next(c for c in evaluation["comparisons"] if c["rival"] == "generalist")["call"] == "beats"
 
@@ -154,16 +155,6 @@ def verdict_markdown(rows: list[dict]) -> str:
                   f"({last['difference']:+.2%} top-1), a single network at the generalist's inference cost. "
                   f"Ship that network instead, or see the levers in BENCHMARKS.md.")
     return "\n".join(lines + ["", advice]) + "\n"
-
-
-def conditional_top1(q: torch.Tensor, labels: torch.Tensor, subsets: list[torch.Tensor]) -> float:
-    """Over (example, subset holding its true class) pairs: is the argmax of q over the subset right?"""
-    hits, pairs = 0, 0
-    for s in subsets:
-        inside = torch.isin(labels, s)
-        hits += int((s[q[inside][:, s].argmax(dim=1)] == labels[inside]).sum())
-        pairs += int(inside.sum())
-    return hits / pairs if pairs else float("nan")
 
 
 def table4_rows(p_general: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, subsets: list[torch.Tensor],

@@ -7,17 +7,31 @@ out predicting the generalist's own distribution collapsed onto S ∪ {dustbin} 
 The paper's §6.1 variant (`specialists.head=full`) keeps the generalist's full softmax instead and learns
 the classes outside S from the generalist's soft targets (`outside_distillation_loss`); `FullSoftmax`
 shows it to the rest of the system as a dustbin specialist.
+
+`DustbinHead` and `FullSoftmaxHead` (`make_head`) hold what differs between the two: how a specialist
+starts, what it trains on, how its dustbin logit shifts, what its weights are; with `head_hidden` both
+get a hidden layer of their own (`ResidualHead`).
 """
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble.nets import Net
+from ensemble.config import NetConfig, SpecialistsConfig
+from ensemble.nets import Net, load_net
+from ensemble.train import predict_logits
+
+from .sampling import local_labels
+
+DUSTBIN_SAMPLE = 4096  # training inputs the dustbin row is fitted on
+LossFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 def specialist_net(generalist: Net, subset: torch.Tensor, features: torch.Tensor) -> Net:
@@ -163,16 +177,6 @@ def freeze_trunk(net: Net) -> None:
             m.train = lambda mode=True, m=m: m  # noqa: E731  (nn.Module.train recurses through this)
 
 
-def correct_dustbin(net: Net | FullSoftmax, shift: float) -> None:
-    """Add `shift` to the dustbin logit (the bias of the head's last row; for a full softmax, the biases
-    of every class outside the subset, which shifts their logsumexp by the same), in place."""
-    with torch.no_grad():
-        if isinstance(net, FullSoftmax):
-            net.net.head.bias[net.outside] += shift
-        else:
-            net.head.bias[-1] += shift
-
-
 @torch.no_grad()
 def collapse(probs: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
     """Probabilities over all classes (N, C) -> over the subset's classes then the dustbin (N, |S|+1)."""
@@ -186,3 +190,119 @@ def dustbin_kl(features: torch.Tensor, generalist: Net, specialist: Net, subset:
         p = collapse(generalist.head(features).softmax(dim=1).double(), subset)
         log_q = specialist.head(features).double().log_softmax(dim=1)
         return F.kl_div(log_q, p, reduction="batchmean").item()
+
+
+def trunk_outputs(net: Net, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
+    """The trunk's features (N, d) of `net` for uint8 images `x`, on the CPU."""
+    trunk = copy.deepcopy(net)
+    trunk.head = nn.Identity()
+    return predict_logits(trunk, x, device=device, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A specialist's head over the classes `subset` (global ids, in head order), with a hidden layer of
+    its own of `hidden` units (0: none). Its `view` of a net outputs logits over S then the dustbin."""
+
+    subset: torch.Tensor
+    hidden: int
+
+    def load(self, cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int,
+             weights: Path | dict[str, torch.Tensor]) -> nn.Module:
+        """A trained specialist, as the combiner sees it, from the weights its task returned."""
+        net = load_net(cfg, input_shape, self.outputs(num_classes), weights, "the specialist's weights",
+                       adapt=lambda n: with_own_head(n, self.hidden))
+        return self.view(net)
+
+    def weights(self, view: nn.Module) -> dict[str, torch.Tensor]:
+        """The weights to save of a specialist's view: those of the net inside it."""
+        return {k: v.detach().cpu() for k, v in self.net(view).state_dict().items()}
+
+
+@dataclass(frozen=True)
+class DustbinHead(_Head):
+    """The paper's specialist: the generalist's head rows for S and one fitted dustbin row, trained on
+    local labels (the dustbin for every class outside S)."""
+
+    def outputs(self, num_classes: int) -> int:
+        return len(self.subset) + 1
+
+    def targets(self, generalist: Net, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                batch_size: int) -> tuple[torch.Tensor, LossFn | None]:
+        """Local labels, and the training loop's default loss (cross-entropy)."""
+        return local_labels(y, self.subset, generalist.head.out_features), None
+
+    def start(self, generalist: Net, x: torch.Tensor, device: torch.device, batch_size: int,
+              seed: int) -> tuple[Net, float]:
+        """The net to train: a copy of `generalist` with the dustbin row fitted on the trunk's features of
+        DUSTBIN_SAMPLE training images; and the mean KL of its first predictions from the generalist's
+        collapsed ones there."""
+        sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
+        features = trunk_outputs(generalist, x[sample], device, batch_size)
+        net = specialist_net(generalist, self.subset, features)
+        kl = dustbin_kl(features, generalist, net, self.subset)
+        return with_own_head(net, self.hidden), kl
+
+    def start_macs(self, num_train: int, generalist: int, widened: int) -> int:
+        """The multiply-adds of the start's forward passes, given the generalist's and the widened
+        generalist's per image: the dustbin row's sample through the widened generalist."""
+        return min(DUSTBIN_SAMPLE, num_train) * widened
+
+    def view(self, net: Net) -> nn.Module:
+        return net
+
+    def net(self, view: nn.Module) -> Net:
+        return view
+
+    def shift_dustbin(self, view: nn.Module, shift: float) -> None:
+        """Add `shift` to the dustbin logit: the bias of the head's last row, in place."""
+        with torch.no_grad():
+            view.head.bias[-1] += shift
+
+
+@dataclass(frozen=True)
+class FullSoftmaxHead(_Head):
+    """§6.1: the generalist's whole softmax, its classes outside S trained towards the generalist's soft
+    targets while those of S learn from the labels; seen through `FullSoftmax` as S plus a dustbin."""
+
+    def outputs(self, num_classes: int) -> int:
+        return num_classes
+
+    def targets(self, generalist: Net, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                batch_size: int) -> tuple[tuple[torch.Tensor, torch.Tensor], LossFn]:
+        """Global labels and the generalist's log-probabilities on `x` (made before any widening), and
+        `outside_distillation_loss`."""
+        teacher = predict_logits(generalist, x, device=device, batch_size=batch_size).log_softmax(dim=1)
+        outside = FullSoftmax(generalist, self.subset).outside.to(device)
+        return (y, teacher), lambda z, t: outside_distillation_loss(z, t[0], t[1], outside)
+
+    def start(self, generalist: Net, x: torch.Tensor, device: torch.device, batch_size: int,
+              seed: int) -> tuple[Net, float]:
+        """A copy of `generalist`: it starts as the generalist exactly (KL 0)."""
+        return with_own_head(copy.deepcopy(generalist), self.hidden), 0.0
+
+    def start_macs(self, num_train: int, generalist: int, widened: int) -> int:
+        """The multiply-adds of the start's forward passes: the soft targets, the plain generalist's pass
+        over the training set."""
+        return num_train * generalist
+
+    def view(self, net: Net) -> nn.Module:
+        return FullSoftmax(net, self.subset)
+
+    def net(self, view: nn.Module) -> Net:
+        return view.net
+
+    def shift_dustbin(self, view: nn.Module, shift: float) -> None:
+        """Add `shift` to the biases of every class outside S, which shifts their logsumexp (the dustbin
+        logit) by the same, in place."""
+        with torch.no_grad():
+            view.net.head.bias[view.outside] += shift
+
+
+Head = DustbinHead | FullSoftmaxHead
+
+
+def make_head(cfg: SpecialistsConfig, subset: torch.Tensor | list[int]) -> Head:
+    """The head `specialists.head` asks for, over `subset`, with `specialists.head_hidden` units of its own."""
+    kind = FullSoftmaxHead if cfg.head == "full" else DustbinHead
+    return kind(torch.as_tensor(subset, dtype=torch.int64), cfg.head_hidden)

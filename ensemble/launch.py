@@ -1,34 +1,41 @@
 """The launcher: runs one task function over many jobs, inline or as Ray tasks. It only decides where a
 task runs; what the task computes does not depend on it.
 
-A task is `fn(job, checkpoint, store, device, *shared)`. `shared` (the generalist's weights, the data,
-the config) goes to the workers once, through Ray's object store; `checkpoint` is the job's last
-checkpoint (None at first) and `store` takes its new ones (see `store.py`), on the driver's machine;
-the task returns its result to the driver, which calls `on_done(job, result)` to write it into the run
-directory. The launcher restarts a task whose worker or node died, up to `launch.max_retries` times,
-from its last checkpoint.
+A task is `fn(job, checkpoint, store, device, *shared)`. `shared` (weights, the data, the config) goes
+to the workers once, through Ray's object store; `checkpoint` is the job's last checkpoint (None at
+first) and `store` takes its new ones (`CheckpointStore`), on the driver's machine; the task returns
+its result to the driver, which calls `on_done(job, result)` to write it into the run directory. The
+launcher restarts a task whose worker or node died, up to `launch.max_retries` times, from its last
+checkpoint. A task trains in a `task_folder`, which resumes from the checkpoint and hands each new one
+to the store.
 """
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from ensemble.config import LaunchConfig
-
-from .store import CheckpointStore
+from .config import LaunchConfig
+from .layout import CHECKPOINT, NetDir
+from .rundir import atomic_path, load_checkpoint
 
 
 class Job(Protocol):
     name: str
+
+
+class Store(Protocol):
+    def save(self, name: str, checkpoint: bytes, epoch: int, pid: int) -> None: ...
 
 
 TaskFn = Callable[..., Any]
@@ -168,6 +175,59 @@ def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfi
         raise RuntimeError(f"{len(failures)} of {len(jobs)} tasks failed (the others are saved):\n"
                            + "\n".join(failures))
     return {"transfer_seconds": transfer, "submitted": submitted, "restarts": restarts}
+
+
+class CheckpointStore:
+    """Where a task's checkpoints live: on the driver's machine, so a task started again resumes on any
+    node, and no shared filesystem is assumed. The latest checkpoint per task name is kept in
+    `<folder>/<name>/checkpoint.pt`, written atomically. Inline it is a plain object; on Ray an actor
+    on the driver's node, to which tasks send their checkpoints without waiting (a Ray task blocked on
+    a result lends its CPU to other tasks)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._progress: dict[str, dict] = {}
+
+    def load(self, name: str) -> bytes | None:
+        """The task's last checkpoint, or None if it has none yet."""
+        path = NetDir(self.folder / name).checkpoint
+        return path.read_bytes() if path.is_file() else None
+
+    def save(self, name: str, checkpoint: bytes, epoch: int, pid: int) -> None:
+        """Keep the checkpoint written after `epoch` by process `pid`, atomically."""
+        with atomic_path(NetDir(self.folder / name).checkpoint) as tmp:
+            tmp.write_bytes(checkpoint)
+        self._progress[name] = {"epoch": epoch, "pid": pid, "time": time.time()}
+
+    def progress(self) -> dict[str, dict]:
+        """Per task: the last epoch saved, the process that saved it, and when."""
+        return dict(self._progress)
+
+
+@dataclass(frozen=True)
+class TaskFolder:
+    """A task's training folder: `fit(..., workdir=folder, on_epoch=on_epoch)` resumes from the
+    checkpoint it holds (saved after epoch `resumed_from`, 0 for none) and hands each new one to the store."""
+
+    folder: Path
+    resumed_from: int
+    on_epoch: Callable[[list[dict]], None]
+
+
+@contextmanager
+def task_folder(name: str, checkpoint: bytes | None, store: Store) -> Iterator[TaskFolder]:
+    """A temporary folder for task `name`'s training, holding `checkpoint` if there is one."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT
+        resumed = 0
+        if checkpoint is not None:
+            path.write_bytes(checkpoint)
+            resumed = int(load_checkpoint(path)["epoch"])
+
+        def on_epoch(history: list[dict]) -> None:
+            store.save(name, path.read_bytes(), len(history), os.getpid())
+
+        yield TaskFolder(Path(tmp), resumed, on_epoch)
 
 
 def store_name(checkpoints: Path) -> str:

@@ -1,0 +1,171 @@
+"""Stage `baselines`: the generalist's net trained from scratch for as long as the ensemble trained, so
+that the ensemble's gain is not just more training.
+
+- `compute`: as much training compute as the generalist and all the specialists together;
+- `wall_clock`: as much as the generalist and the longest specialist, the ensemble's training time when
+  every specialist has a worker of its own.
+
+The baselines are independent: the launcher trains them in parallel, as it does the specialists, each
+resuming from its last checkpoint; a baseline whose `metrics.json` exists is done.
+
+Compute is counted in training examples, weighted by each net's multiply-adds per example relative to
+the generalist's. A specialist's forward passes outside its training steps count too, each a third of a
+training example (forward and backward): they are a large share where specialists train on few
+examples (Omniglot). A budget is rounded up to whole epochs of the examples an epoch trains on (the last
+partial batch is dropped), so a baseline never trains for less.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ensemble.config import Config, specialist_net_config
+from ensemble.cost import multiply_adds
+from ensemble.data import Data, load_data
+from ensemble.launch import Store, run_tasks, task_folder
+from ensemble.layout import RunDir
+from ensemble.metrics import classification_metrics
+from ensemble.nets import build_net, load_net
+from ensemble.rundir import read_json, save_tensors, write_json, write_text
+from ensemble.train import predict_logits, resolve_device
+from generalist import train_generalist
+from specialists import load_specialists, make_head
+
+FORWARD_SHARE = 1 / 3  # a forward pass is about a third of a training step (backward costs twice forward)
+TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One baseline: the budget it matches and the epochs it trains for."""
+
+    name: str
+    epochs: int
+
+
+def run(run_dir: Path, cfg: Config) -> dict:
+    """Train one generalist per `baselines.budgets` on the launcher; write each one's weights, test
+    predictions and metrics, and `report.json` with the budgets in epochs."""
+    paths = RunDir(run_dir)
+    data = load_data(cfg.data)
+    general, specialists = training_compute(run_dir, cfg, data)
+    epochs = budgets(general, specialists, epoch_examples(cfg, data))
+    jobs = [Budget(name, math.ceil(epochs[name] - 1e-9)) for name in cfg.baselines.budgets]
+    todo = [job for job in jobs if not paths.baseline(job.name).metrics.is_file()]
+    started = time.time()
+    run_tasks(train_baseline, todo, (data, cfg), cfg.launch, lambda job, row: _save(paths, job, row),
+              checkpoints=paths.stage("baselines"), device=resolve_device(cfg.device), desc="baselines")
+    rows = [{**read_json(paths.baseline(job.name).metrics), "budget_epochs": epochs[job.name]} for job in jobs]
+    for row in rows:
+        print(f"{row['system']}: {row['epochs']} epochs, test top-1 {row['test_top1']:.4f}", flush=True)
+    write_json(paths.baselines_report, {"budget_epochs": epochs, "baselines": rows,
+                                        "wall_seconds": round(time.time() - started, 2)})
+    return {f"{r['budget']}_top1": r["test_top1"] for r in rows} | {f"{k}_epochs": v for k, v in epochs.items()}
+
+
+def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: torch.device, data: Data,
+                   cfg: Config) -> dict:
+    """A launcher task: the generalist's net trained afresh for `job.epochs` with the generalist's recipe;
+    returns its weights, history, test predictions and metrics."""
+    train = dataclasses.replace(cfg.generalist.train, epochs=job.epochs)
+    with task_folder(job.name, checkpoint, store) as folder:
+        net, history = train_generalist(cfg, data, train, folder.folder, device, TITLES[job.name],
+                                        on_epoch=folder.on_epoch)
+    logits = predict_logits(net, data.x_test, device=device, batch_size=train.eval_batch_size,
+                            channels_last=train.channels_last)
+    metrics = {"budget": job.name, "system": TITLES[job.name], "epochs": job.epochs,
+               **classification_metrics(logits, data.y_test, "test_"),
+               "train_seconds": round(sum(r["seconds"] for r in history), 2)}
+    return {"weights": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "history": history,
+            "test_pred": logits.argmax(dim=1), "metrics": metrics}
+
+
+def _save(paths: RunDir, job: Budget, result: dict) -> None:
+    """Write a finished baseline: weights, predictions and history first, metrics last (they mark it done)."""
+    folder = paths.baseline(job.name)
+    save_tensors(folder.weights, result["weights"])
+    save_tensors(folder.predictions, {"test_pred": result["test_pred"]})
+    write_text(folder.history, "".join(json.dumps(row) + "\n" for row in result["history"]))
+    write_json(folder.metrics, result["metrics"])
+
+
+def check(cfg: Config) -> None:
+    """`baselines.budgets` names each budget once (the config checks the names)."""
+    names = cfg.baselines.budgets
+    if len(set(names)) != len(names):
+        raise ValueError(f"baselines.budgets must be distinct, got {names}")
+
+
+def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[str, float]:
+    """Each budget in epochs of `per_epoch` examples, from the training compute of the generalist and of
+    each specialist (in examples at the generalist's cost): all the specialists' for `compute`, the
+    largest one's for `wall_clock`."""
+    return {"compute": (general + sum(specialists)) / per_epoch,
+            "wall_clock": (general + max(specialists, default=0)) / per_epoch}
+
+
+def epoch_examples(cfg: Config, data: Data) -> int:
+    """The training examples a generalist epoch trains on (the last partial batch is dropped)."""
+    batch = cfg.generalist.train.batch_size
+    return len(data.x_train) // batch * batch
+
+
+def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[float]]:
+    """The training compute in examples at the generalist's cost: the generalist's training examples,
+    and each specialist's, weighted by its multiply-adds per example relative to the generalist's, with
+    its forward passes besides:
+    - its start (`start_macs` of its head): the generalist's (widened to the specialist's width) over
+      a sample of the training set to fit the dustbin row or, with `specialists.head: full`, the plain
+      generalist's over the whole training set for the soft targets;
+    - its trained net's and its start's over the validation set (the choice between them, the dustbin
+      correction, its report).
+    Left out as small: the dustbin row's own fit and diagnostics on the sample's features, and with
+    `combine.method: auto` the combiner stage's pass of each specialist over the validation set."""
+    general, examples = training_examples(run_dir)
+    shape = data.input_shape
+    generalist = load_net(cfg.generalist.net, shape, data.num_classes, RunDir(run_dir).generalist.weights,
+                          "the generalist's weights")
+    base = multiply_adds(generalist, shape)
+    widened = multiply_adds(build_net(specialist_net_config(cfg), shape, data.num_classes), shape)
+    specialists = load_specialists(run_dir, cfg)
+    n = len(data.x_train)
+    return general, [
+        (e + FORWARD_SHARE * 2 * len(data.x_val)) * multiply_adds(net, shape) / base
+        + FORWARD_SHARE * make_head(cfg.specialists, subset).start_macs(n, base, widened) / base
+        for e, net, subset in zip(examples, specialists.nets, specialists.subsets, strict=True)]
+
+
+def training_examples(run_dir: Path) -> tuple[int, list[int]]:
+    """The training examples the generalist and each specialist processed (their `metrics.jsonl`), the
+    specialists in head order."""
+    paths = RunDir(run_dir)
+    count = len(read_json(paths.specialists_subsets)["subsets"])
+    return examples(paths.generalist.history), [examples(paths.specialist(m).history) for m in range(count)]
+
+
+def examples(history: Path) -> int:
+    """The training examples a `metrics.jsonl` records."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    if any("examples" not in r for r in rows):
+        raise ValueError(f"{history} does not count its training examples (an older version wrote it): "
+                         f"rerun that stage")
+    return sum(r["examples"] for r in rows)
+
+
+def baseline_rows(run_dir: Path) -> list[dict]:
+    """The baselines stage's report rows, shortest training first; on a tie the equal-compute one last,
+    as the bar the verdict names."""
+    rows = read_json(RunDir(run_dir).baselines_report)["baselines"]
+    return sorted(rows, key=lambda r: (r["epochs"], r["budget"] == "compute"))
+
+
+def load_baseline(run_dir: Path, cfg: Config, data: Data, budget: str) -> torch.nn.Module:
+    """A trained baseline of a run, rebuilt from its config and weights."""
+    return load_net(cfg.generalist.net, data.input_shape, data.num_classes, RunDir(run_dir).baseline(budget).weights,
+                    f"the {TITLES[budget]}'s weights")
