@@ -13,8 +13,21 @@ from typing import NamedTuple, TypeVar
 
 import torch
 
+from ensemble.config import Config, load_config
+
 RESULTS = Path(__file__).parent / "results"
 T = TypeVar("T")
+# The benchmarks read EMNIST and Omniglot from the npz copies in ../shared/data/ (its README), which the
+# shipped configs download through torchvision instead; relative to the repository root.
+SHARED_NPZ = {"emnist": "../shared/data/emnist_byclass.npz", "omniglot": "../shared/data/omniglot28.npz"}
+
+
+def bench_config(path: Path | None, overrides: list[str]) -> Config:
+    """The config at `path` (None: the defaults) with `overrides`, as the benchmarks run it: for
+    configs/emnist.yaml and configs/omniglot.yaml, the data from SHARED_NPZ. Run from the repository root."""
+    npz = SHARED_NPZ.get(Path(path).stem) if path is not None else None
+    data = ["data.source=npz", f"data.path={npz}", "data.download=false"] if npz else []
+    return load_config(path, [*data, *overrides])
 
 
 class Timing(NamedTuple):

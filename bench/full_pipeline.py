@@ -21,10 +21,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import combiner_top1, write_results
+from common import bench_config, combiner_top1, write_results
 
 from combiner import beats_generalist
-from ensemble.config import load_config
 from ensemble.pipeline import STAGES, run_pipeline
 from ensemble.rundir import Manifest, read_json
 
@@ -44,7 +43,7 @@ def main() -> None:
     runs = []
     for name in args.configs:
         for seed in args.seeds:
-            cfg = load_config(ROOT / "configs" / f"{name}.yaml", [
+            cfg = bench_config(ROOT / "configs" / f"{name}.yaml", [
                 f"runs_dir={ROOT / 'bench' / 'runs'}", f"name=full/{name}/s{seed}", f"seed={seed}", *args.overrides])
             if args.fresh:
                 shutil.rmtree(cfg.run_dir, ignore_errors=True)

@@ -14,8 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import write_results
-from ensemble.config import load_config
+from common import bench_config, write_results
 from ensemble.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ def main() -> None:
         overrides = [f"runs_dir={ROOT / 'bench' / 'runs'}"]
         if width is not None:
             overrides += [f"generalist.net.width={width}", f"name={name}-w{width}"]
-        cfg = load_config(ROOT / "configs" / f"{name}.yaml", overrides)
+        cfg = bench_config(ROOT / "configs" / f"{name}.yaml", overrides)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         t = time.perf_counter()
         m = run_pipeline(cfg, only="generalist")["generalist"]

@@ -15,9 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
-from common import write_results
+from common import bench_config, write_results
 
-from ensemble.config import load_config
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
 
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    cfg = load_config(args.config, [*args.overrides, f"runs_dir={RUNS}"])
+    cfg = bench_config(args.config, [*args.overrides, f"runs_dir={RUNS}"])
     for stage in ("generalist", "cluster"):
         run_pipeline(cfg, only=stage)
 
@@ -39,7 +38,7 @@ def main() -> None:
         copy = RUNS / name
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(cfg.run_dir, copy, ignore=shutil.ignore_patterns("specialists"))
-        run_cfg = load_config(args.config, [*args.overrides, f"runs_dir={RUNS}", f"name={name}",
+        run_cfg = bench_config(args.config, [*args.overrides, f"runs_dir={RUNS}", f"name={name}",
                                             f"launch.backend={backend}"])
         t0 = time.perf_counter()
         summary = run_pipeline(run_cfg, only="specialists")["specialists"]

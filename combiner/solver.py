@@ -1,4 +1,4 @@
-"""The combiner (DESIGN.md, "4. combine"): the distribution q that agrees best with the generalist and
+"""The combiner's solver (DESIGN.md, "5. combiner"): the distribution q that agrees best with the generalist and
 the active specialists, per example, as in Hinton, Vinyals & Dean (2015), section 5, Eq. 5.
 
 For example b with generalist probabilities p^g over C classes and active specialists A_b, q minimises
@@ -56,20 +56,35 @@ ADAM_RATE, ADAM_BETAS, PATIENCE = 0.1, (0.9, 0.999), 20  # the gradient method's
 MIN_GAIN = 1e-12  # a relative decrease of the objective smaller than this (or 16 eps) is no progress
 PLAIN_STEPS = 10  # fixed_point's first iterations are plain EM steps: see _fixed_point
 MAX_HALVINGS = 20  # SQUAREM halves an infeasible extrapolation this often, then takes the plain double step
+BLOCK_BYTES, MIN_BLOCK = 2**25, 64  # fixed_point solves blocks of examples of (C, b) tensors up to 32 MiB
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """One batch's objective up to a constant, f(q) = -Σ_c k_c log q_c - Σ_m p^m_⊥ log Q_m, class-major:
+    all the EM iterations need."""
+
+    k: Tensor  # (C, B) p^g_c + Σ_{m∈A, c∈S_m} p^m_c: the weight of log q_c
+    dustbin: Tensor  # (M, B) p^m_⊥ where m is active, else 0: the weight of log Q_m
+    num_active: Tensor  # (B,) |A_b|
+    cell: Tensor  # (C,) each class's cell: classes in the same subsets share one
+    outside: Tensor  # (M, K) 1 where cell k lies outside S_m, else 0
+
+    def columns(self, keep: Tensor) -> _Weights:
+        """The weights of the examples `keep` (a (B,) mask, or their indices) alone."""
+        return _Weights(k=self.k[:, keep], dustbin=self.dustbin[:, keep], num_active=self.num_active[keep],
+                        cell=self.cell, outside=self.outside)
 
 
 @dataclass(frozen=True)
 class _Problem:
-    """One batch's objective f(q) = Σ p log p - Σ_c k_c log q_c - Σ_m dustbin_m log Q_m, class-major."""
+    """One batch: the objective's weights, and what it was made of (the objective's constant, the
+    gradient's start, the within-subset rule)."""
 
+    weights: _Weights
     general: Tensor  # (C, B) p^g
-    k: Tensor  # (C, B) p^g_c + Σ_{m∈A, c∈S_m} p^m_c: the weight of log q_c
     inside: Tensor  # (L, B) p^m_c at each subset entry where m is active, else 0
-    dustbin: Tensor  # (M, B) p^m_⊥ where m is active, else 0: the weight of log Q_m
     active: Tensor  # (M, B) 1 where specialist m is active for example b, else 0
-    num_active: Tensor  # (B,) |A_b|
-    cell: Tensor  # (C,) each class's cell: classes in the same subsets share one
-    outside: Tensor  # (M, K) 1 where cell k lies outside S_m, else 0
 
 
 def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
@@ -89,7 +104,8 @@ def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequ
         (in logit units; default 1e-6).
     max_iter: at most this many iterations (fixed_point: evaluations of the EM update, three per
         SQUAREM cycle; gradient: Adam steps); reaching it with tol > 0 unmet gives a RuntimeWarning
-        (tol=0 runs exactly max_iter iterations).
+        (tol=0 runs exactly max_iter iterations; fixed_point stops an example with one active
+        specialist after the first, which solves it exactly).
     Examples with no active specialist get q = p^g exactly.
     """
     if method not in METHODS:
@@ -110,7 +126,7 @@ def _within_subset(problem: _Problem, p_general: Tensor, specialist_probs: Seque
                    subsets: Sequence[Sequence[int] | Tensor]) -> Tensor:
     """On each active S_m, p^g(S_m) · p^m_c / Σ_{S_m} p^m, p^g elsewhere; the mean over the active
     specialists, built as |A|·p^g plus each active one's change on its own subset: O(B·(C + Σ|S_m|))."""
-    num_active = problem.num_active[:, None]
+    num_active = problem.weights.num_active[:, None]
     total = num_active * p_general
     for active, p, s in zip(problem.active, specialist_probs, subsets):
         ids = torch.as_tensor(s, device=p_general.device).long()
@@ -132,123 +148,127 @@ def objective(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Se
     if not isinstance(q, Tensor) or q.shape != p_general.shape:
         raise ValueError(f"q must be a tensor of p_general's shape {tuple(p_general.shape)}")
     q = q.to(p_general).t()
-    return _objective(problem, _safe_log(q), _outside_mass(problem, q))
+    return _objective(problem, _safe_log(q), _outside_mass(problem.weights, q))
+
+
+def em_step(weights: _Weights, q: Tensor) -> Tensor:
+    """One EM update of every column of q (DESIGN.md):
+
+        q_c ← [ k_c + q_c · Σ_{m∈A, c∉S_m} p^m_⊥ / Q_m ] / (1 + |A|),  k_c = p^g_c + Σ_{m∈A, c∈S_m} p^m_c.
+
+    The sum over the active specialists whose subset leaves out c is the same for every class of a
+    cell: a (K, B) product of non-negative terms, gathered to the classes. One (C, B) tensor is made
+    and worked on in place: at thousands of classes and examples a fresh tensor costs as much as a
+    pass of arithmetic."""
+    share = 1 / (1 + weights.num_active)
+    ratio = weights.dustbin * share / _outside_mass(weights, q)  # (M, B) p^m_⊥ / Q_m / (1 + |A|)
+    spread = (weights.outside.t() @ ratio).index_select(0, weights.cell)  # (C, B) the sum above / (1 + |A|)
+    return spread.mul_(q).addcmul_(weights.k, share)
 
 
 def _fixed_point(problem: _Problem, tol: float, max_iter: int) -> Tensor:
-    """EM from q = p^g accelerated by SQUAREM, each example until one of its plain EM steps moves it
-    by max |Δq| < tol. One iteration is one evaluation of the EM update F.
+    """`_em` on blocks of examples whose (C, b) tensors take at most BLOCK_BYTES (and at least MIN_BLOCK
+    examples), with a RuntimeWarning if max_iter stopped it before tol. At thousands of classes and
+    examples every fresh (C, B) tensor is memory the system maps page by page, at a cost beyond a pass of
+    arithmetic over it; blocks of this size reuse freed memory instead (bench/combine_speed.py measures
+    the solver). Examples with no active specialist keep q = p^g and take no iteration."""
+    num_classes = problem.general.shape[0]
+    width = max(MIN_BLOCK, BLOCK_BYTES // (max(1, num_classes) * problem.general.element_size()))
+    q, converged = problem.general, True  # made by _prepare for this call: solved in place
+    active = (problem.weights.num_active > 0).nonzero()[:, 0]
+    for start in range(0, len(active), width):
+        block = active[start:start + width]
+        q[:, block], done = _em(problem.weights.columns(block), q[:, block], tol, max_iter)
+        converged &= done
+    if not converged:
+        _warn_unconverged("fixed_point", max_iter, tol)
+    return q
 
-    The first PLAIN_STEPS iterations are plain steps q ← F(q) (up to max_iter = PLAIN_STEPS + 2, the
-    result is plain EM's): one solves an example with at most one active specialist exactly (with
-    top_n=1, most of them), and examples that converge fast stop there at one evaluation a step,
-    without SQUAREM's objective checks. Then each cycle of three iterations is one SQUAREM step
-    (Varadhan & Roland 2008, scheme S3), per example:
+
+def _em(weights: _Weights, q: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
+    """EM from q (p^g), each example until one of its plain EM steps moves it by max |Δq| < tol; one
+    iteration is one evaluation of `em_step`. The first PLAIN_STEPS iterations are plain steps q ← F(q):
+    the first solves an example with one active specialist exactly (the closed form), so it stops
+    there; examples that converge fast stop within them. Then each `_squarem` step costs three
+    iterations; a max_iter ending inside one ends with plain steps instead, so q after k iterations is
+    the k-th iterate, and f never increases from one iterate to the next. Once a quarter of the examples
+    still iterating have converged, the rest go on as a smaller problem. Returns each example's last
+    iterate (in q's memory: q is used up) and whether every example converged."""
+    result, todo = q, torch.arange(q.shape[1], device=q.device)  # the examples still iterating
+    q, step_max = q.clone(), torch.ones_like(weights.num_active)  # SQUAREM's β_max per example
+    iterations, converged = 0, False
+    while iterations < max_iter and not converged:
+        if iterations < PLAIN_STEPS or max_iter - iterations < 3:
+            new = em_step(weights, q)
+            moving = _max_abs(q.sub_(new)) >= tol  # q is spent: it holds q - new
+            if iterations == 0:
+                moving &= weights.num_active > 1  # one active specialist: the closed form, reached
+            iterations += 1
+        else:
+            new, moving, step_max = _squarem(weights, q, step_max, tol)
+            iterations += 3
+        q, converged = new, not moving.any()
+        if not converged and 4 * int(moving.sum()) <= 3 * len(todo):
+            result[:, todo] = q
+            todo, q, weights, step_max = todo[moving], q[:, moving], weights.columns(moving), step_max[moving]
+    result[:, todo] = q
+    return result, converged
+
+
+def _squarem(weights: _Weights, q: Tensor, step_max: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One SQUAREM step from q (Varadhan & Roland 2008, scheme S3): three EM evaluations that go as far as
+    many plain EM steps where EM crawls. It does with several active specialists whose subsets overlap,
+    converging linearly at a rate near 1: in the tests' slow case plain EM takes over 500 iterations and
+    this a quarter of them. Per example:
 
         q1 = F(q), q2 = F(q1), r = q1 - q, v = q2 - 2·q1 + q, β = min(max(1, ‖r‖/‖v‖), β_max),
-        q' = q + 2β·r + β²·v = q2 + (β - 1)²·(q - q1) - (β² - 1)·(q1 - q2),
-        q ← F(q') if f(F(q')) ≤ f(q2), else q2.
+        q' = q + 2β·r + β²·v,  and the new iterate is F(q') if f(F(q')) ≤ f(q2), else q2.
 
-    β = 1 (q' = q2) is two plain steps; where q' has an entry ≤ 0 or not finite that q2 has not, β - 1
-    is halved (after MAX_HALVINGS, set to 0). The bound β_max starts at 1 and, as in the authors'
-    SQUAREM software (step.max0 = 1, mstep = 4), is multiplied by 4 when a step at the bound is
-    accepted and divided by 4 (down to 1) when one is rejected: along a slow, curved EM path a long
-    extrapolation overshoots, and without the bound SQUAREM would keep proposing it. Every iterate is
-    thus an EM image and f never increases from one iterate (q, q1, q2, the next q) to the next: a
-    max_iter ending inside a cycle returns q1 or q2. The stopping test is on the plain steps q → q1 and
-    q1 → q2.
-
-    Once a quarter of the examples still iterating have converged, the rest move to smaller
-    buffers, so later iterations cost only what still moves. The buffers are preallocated: a fresh
-    (C, B) tensor costs more than the arithmetic on it."""
-    scale = 1 / (1 + problem.num_active)
-    k, dustbin = problem.k * scale, problem.dustbin * scale
-    q, result = problem.general.clone(), None
-    todo = torch.arange(q.shape[1], device=q.device)  # the examples still iterating, columns of q
-    step_max = torch.ones_like(scale)  # SQUAREM's β_max per example
-    spare = [torch.empty_like(q) for _ in range(3)]
-    iterations = 0
-    while iterations < max_iter:
-        length = 1 if iterations < PLAIN_STEPS else min(3, max_iter - iterations)
-        q, spare, step_max, moving = _cycle(problem, k, dustbin, q, spare, step_max, tol, length)
-        iterations += length
-        still = int(moving.sum())
-        if still == 0:
-            break
-        if 4 * still <= 3 * len(todo):
-            result = q.new_empty(problem.general.shape) if result is None else result
-            result.index_copy_(1, todo, q)
-            keep = moving.nonzero().squeeze(1)
-            todo, q, k, dustbin, step_max = (x[..., keep] for x in (todo, q, k, dustbin, step_max))
-            spare = [torch.empty_like(q) for _ in range(3)]
-    else:
-        _warn_unconverged("fixed_point", max_iter, tol)
-    return q if result is None else result.index_copy_(1, todo, q)
-
-
-def _cycle(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, spare: list[Tensor], step_max: Tensor,
-           tol: float, length: int) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
-    """`length` iterations from q (see _fixed_point): 1 or 2 plain EM steps, or a SQUAREM cycle of 3;
-    fewer once no example moves by tol. Returns the new iterate, the three buffers now spare (q's
-    among them), the new β_max and which examples moved by at least tol at every plain step."""
-    q1, q2, extrapolated = spare
-    _em_step(problem, q, k, dustbin, q1)  # q holds q - q1 = -r
-    moving = _max_abs(q) >= tol
-    if length == 1 or not moving.any():
-        return q1, [q, q2, extrapolated], step_max, moving
-    _em_step(problem, q1, k, dustbin, q2)  # q1 holds q1 - q2
-    moving &= _max_abs(q1) >= tol
-    if length == 2 or not moving.any():
-        return q2, [q, q1, extrapolated], step_max, moving
-    v = torch.sub(q, q1, out=extrapolated)  # q - 2·q1 + q2
-    ratio = ((q * q).sum(0) / (v * v).sum(0)).sqrt_()  # ‖r‖/‖v‖
+    β = 1 (q' = q2) is two plain steps, so every iterate is an EM image and f never rises. The bound
+    β_max starts at 1 and, as in the authors' SQUAREM software (step.max0 = 1, mstep = 4), is multiplied
+    by 4 when a step at the bound is accepted and divided by 4 (down to 1) when one is rejected: along a
+    slow, curved EM path a long extrapolation overshoots. Returns the new iterate, which examples moved
+    by at least tol in both plain steps, and the new β_max. q's values are used up."""
+    q1 = em_step(weights, q)
+    q2 = em_step(weights, q1)
+    back, step = q.sub_(q1), q1.sub_(q2)  # q - q1 = -r and q1 - q2 = r - v, in the memory of q and q1
+    moving = (_max_abs(back) >= tol) & (_max_abs(step) >= tol)
+    ratio = (back.square().sum(0) / (back - step).square_().sum(0)).sqrt_()  # ‖r‖/‖v‖
     at_max = ratio >= step_max  # ‖v‖ = 0 gives inf (at the bound) or, with r = 0 too, NaN (β = 1)
     beta = torch.minimum(ratio.nan_to_num(1.0), step_max).clamp_min(1)
-    _extrapolate(q2, q, q1, beta - 1, extrapolated)
-    _em_step(problem, extrapolated, k, dustbin, q)  # q holds F(q')
-    accepted = _gain(problem, k, dustbin, q2, q) >= 0
+    candidate = em_step(weights, _extrapolate(q2, back, step, beta - 1))
+    accepted = _gain(weights, q2, candidate) >= 0
     step_max = torch.where(at_max, torch.where(accepted, 4 * step_max, (step_max / 4).clamp_min(1)), step_max)
-    return torch.where(accepted, q, q2, out=q), [q1, q2, extrapolated], step_max, moving
+    return torch.where(accepted, candidate, q2, out=candidate), moving, step_max
 
 
-def _extrapolate(q2: Tensor, back: Tensor, step: Tensor, gamma: Tensor, out: Tensor) -> Tensor:
-    """SQUAREM's q' = q2 + γ²·back - γ(γ + 2)·step into `out`, with back = q - q1, step = q1 - q2 and
-    γ = β - 1 ≥ 0 per example, γ halved where q' has an entry that is not finite, or ≤ 0 unlike q2's;
-    after MAX_HALVINGS halvings γ = 0, so q' = q2 exactly."""
+def _extrapolate(q2: Tensor, back: Tensor, step: Tensor, gamma: Tensor) -> Tensor:
+    """SQUAREM's q' = q + 2β·r + β²·v written around q2: q2 + γ²·back - γ(γ + 2)·step, with back = q - q1,
+    step = q1 - q2 and γ = β - 1 ≥ 0 per example, so that γ = 0 gives q2 exactly. Where q' has an entry
+    that is not finite, or ≤ 0 unlike q2's, γ is halved; after MAX_HALVINGS halvings it is 0."""
     for halvings in range(MAX_HALVINGS + 2):
-        torch.addcmul(q2, back, gamma * gamma, out=out).addcmul_(step, -gamma * (gamma + 2))
-        bad = ~(((out > 0) | (out == q2)).all(0) & out.sum(0).isfinite())
+        extrapolated = torch.addcmul(q2, back, gamma * gamma).addcmul_(step, -gamma * (gamma + 2))
+        bad = ~(((extrapolated > 0) | (extrapolated == q2)).all(0) & extrapolated.sum(0).isfinite())
         if not bad.any():
             break
         gamma = torch.where(bad, gamma / 2 if halvings < MAX_HALVINGS else 0, gamma)
-    return out
+    return extrapolated
 
 
 def _max_abs(x: Tensor) -> Tensor:
-    """(B,) max_c |x_c| per example, from two reductions (no (C, B) temporary)."""
+    """(B,) max_c |x_c| per example."""
     return torch.maximum(x.amax(0), x.amin(0).neg_())
 
 
-def _gain(problem: _Problem, k: Tensor, dustbin: Tensor, q: Tensor, new: Tensor) -> Tensor:
-    """(B,) (f(q) - f(new)) / (1 + |A|), with k and p^m_⊥ divided by 1 + |A| as in _fixed_point:
-    Σ_c k_c log(new_c/q_c) + Σ_m p^m_⊥ log(Q_m(new)/Q_m(q)), each log ratio the log1p of a relative
-    change. Near the minimum f(q) and f(new) agree to within their rounding, and their difference
-    would be noise; this sum keeps the sign of the change (NaN, so never ≥ 0, should rounding put a
-    relative change below -1)."""
+def _gain(weights: _Weights, q: Tensor, new: Tensor) -> Tensor:
+    """(B,) f(q) - f(new) = Σ_c k_c log(new_c/q_c) + Σ_m p^m_⊥ log(Q_m(new)/Q_m(q)), each log ratio the
+    log1p of a relative change. Near the minimum f(q) and f(new) agree to within their rounding, and
+    their difference would be noise; this sum keeps the sign of the change (NaN, so never ≥ 0, should
+    rounding put a relative change below -1)."""
     change = new - q
-    outside_change = problem.outside @ _cell_sums(problem, change)
-    inside = change.div_(q.clamp_min(torch.finfo(q.dtype).tiny)).log1p_().mul_(k).sum(0)
-    return inside + (dustbin * torch.log1p(outside_change / _outside_mass(problem, q))).sum(0)
-
-
-def _em_step(problem: _Problem, q: Tensor, k: Tensor, dustbin: Tensor, new: Tensor) -> None:
-    """One EM update into `new`, leaving q - new in q: with k and p^m_⊥ already divided by 1 + |A|,
-    new_c = k_c + q_c · Σ_{m∌c} r_m, r_m = p^m_⊥ / Q_m; Σ_{m∌c} r_m is the same for every class of a
-    cell: a (K, B) sum of non-negative terms, gathered to the classes."""
-    r = dustbin / _outside_mass(problem, q)
-    torch.index_select(problem.outside.t() @ r, 0, problem.cell, out=new)
-    torch.addcmul(k, q, new, out=new)
-    q.sub_(new)
+    outside = weights.dustbin * torch.log1p(weights.outside @ _cell_sums(weights, change) / _outside_mass(weights, q))
+    inside = change.div_(q.clamp_min(torch.finfo(q.dtype).tiny)).log1p_().mul_(weights.k)  # change no longer needed
+    return inside.sum(0) + outside.sum(0)
 
 
 def _gradient(problem: _Problem, tol: float, max_iter: int) -> Tensor:
@@ -297,7 +317,7 @@ def _value_and_grad(problem: _Problem, z: Tensor) -> tuple[Tensor, Tensor]:
     with torch.enable_grad():
         z = z.detach().requires_grad_()
         log_q = _log_softmax(z)
-        f = _objective(problem, log_q, _outside_mass(problem, log_q.exp()))
+        f = _objective(problem, log_q, _outside_mass(problem.weights, log_q.exp()))
         (grad,) = torch.autograd.grad(f.sum(), z)
     return f.detach(), grad
 
@@ -312,20 +332,21 @@ def _log_softmax(z: Tensor) -> Tensor:
 def _objective(problem: _Problem, log_q: Tensor, outside: Tensor) -> Tensor:
     """f = Σ p log p - Σ_c k_c log q_c - Σ_m p^m_⊥ log Q_m per example: the KLs' entropy terms over
     p^g and the active specialists, minus the cross terms."""
-    entropy = _xlogx(problem.general) + _xlogx(problem.inside) + _xlogx(problem.dustbin)
-    return entropy - (problem.k * log_q).sum(0) - (problem.dustbin * _safe_log(outside)).sum(0)
+    w = problem.weights
+    entropy = _xlogx(problem.general) + _xlogx(problem.inside) + _xlogx(w.dustbin)
+    return entropy - (w.k * log_q).sum(0) - (w.dustbin * _safe_log(outside)).sum(0)
 
 
-def _outside_mass(problem: _Problem, q: Tensor) -> Tensor:
+def _outside_mass(weights: _Weights, q: Tensor) -> Tensor:
     """(M, B) Q_m = Σ_{c∉S_m} q_c, the mass of q outside each subset, at least the dtype's tiny: q
     summed per cell, then over the cells outside S_m. Only non-negative terms are added, so Q_m keeps
     its relative precision however small it is."""
-    return (problem.outside @ _cell_sums(problem, q)).clamp_min_(torch.finfo(q.dtype).tiny)
+    return (weights.outside @ _cell_sums(weights, q)).clamp_min_(torch.finfo(q.dtype).tiny)
 
 
-def _cell_sums(problem: _Problem, x: Tensor) -> Tensor:
+def _cell_sums(weights: _Weights, x: Tensor) -> Tensor:
     """(K, B) Σ of x over the classes of each cell."""
-    return x.new_zeros(problem.outside.shape[1], x.shape[1]).index_add_(0, problem.cell, x)
+    return x.new_zeros(weights.outside.shape[1], x.shape[1]).index_add_(0, weights.cell, x)
 
 
 def _safe_log(x: Tensor) -> Tensor:
@@ -358,8 +379,9 @@ def _prepare(p_general: Tensor, specialist_probs: Sequence[Tensor],
     dustbin = torch.stack([p[:, -1] for p in probs]) * active if probs else p_general.new_zeros(0, num_examples)
     general = p_general.t().contiguous()
     cell, outside = _cells(index, owner, num_classes, len(ids), p_general)
-    return _Problem(general=general, k=general.index_add(0, index, inside), inside=inside, dustbin=dustbin,
-                    active=active, num_active=active.sum(0), cell=cell, outside=outside)
+    k, num_active = general.index_add(0, index, inside), active.sum(0)
+    weights = _Weights(k=k, dustbin=dustbin, num_active=num_active, cell=cell, outside=outside)
+    return _Problem(weights=weights, general=general, inside=inside, active=active)
 
 
 def _cells(index: Tensor, owner: Tensor, num_classes: int, num_subsets: int, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,8 +31,8 @@ class DataConfig:
     source: Literal[
         "glyphs", "digits", "synthetic", "npz", "emnist", "omniglot", "cifar100", "imagefolder"
     ] = "synthetic"
-    path: str | None = None  # npz file, or root folder of a torchvision-backed set
-    download: bool = False  # torchvision-backed sets: fetch missing files
+    path: str | None = None  # npz file or image folder; torchvision-backed sets: their root (null: <cache>/<source>)
+    download: bool = False  # torchvision-backed sets (emnist, omniglot, cifar100): fetch missing files
     num_classes: int = 1000  # glyphs, synthetic
     train_per_class: int = 300  # glyphs, synthetic
     test_per_class: int = 20  # glyphs, synthetic

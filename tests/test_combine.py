@@ -1,4 +1,4 @@
-"""The combiner (specialists/combine.py): both solvers reach the one minimum of
+"""The combiner's solver (combiner/solver.py): both solvers reach the one minimum of
 KL(p^g ‖ q) + Σ_{m∈A} KL(p^m ‖ q^m), checked against closed forms and plain per-example loops."""
 from __future__ import annotations
 
@@ -336,7 +336,7 @@ def test_extrapolations_leaving_the_simplex_fall_back_toward_the_double_em_step(
     back = torch.tensor([[1e-2, 1e-3, 1e-2], [-1e-2, -1e-3, -1e-2], [0, 0, 0], [0, 0, 0]], dtype=torch.float64)
     step = back / 2
     gamma = torch.tensor([10.0, 10.0, 1e200], dtype=torch.float64)
-    q = _extrapolate(q2, back, step, gamma, torch.empty_like(q2))
+    q = _extrapolate(q2, back, step, gamma)
     used = torch.tensor([5.0, 10.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(q, q2 + used**2 * back - used * (used + 2) * step, rtol=0, atol=1e-15)
     assert torch.equal(q[:, 2], q2[:, 2]) and (q[:3] > 0).all() and torch.equal(q[3], q2[3])

@@ -90,11 +90,11 @@ def load_source(cfg: DataConfig) -> Source:
             cfg.num_classes, cfg.train_per_class, cfg.test_per_class, cfg.group_size, cfg.image_size, cfg.seed,
             cfg.noise))
     if s == "emnist":
-        return torchvision_sets.emnist(_need_path(cfg), download=cfg.download)
+        return torchvision_sets.emnist(_download_root(cfg), download=cfg.download)
     if s == "omniglot":
-        return torchvision_sets.omniglot(_need_path(cfg), download=cfg.download, image_size=cfg.image_size)
+        return torchvision_sets.omniglot(_download_root(cfg), download=cfg.download, image_size=cfg.image_size)
     if s == "cifar100":
-        return torchvision_sets.cifar100(_need_path(cfg), download=cfg.download)
+        return torchvision_sets.cifar100(_download_root(cfg), download=cfg.download)
     if s == "imagefolder":
         return torchvision_sets.imagefolder(_need_path(cfg), image_size=cfg.image_size)
     raise ValueError(f"unknown data source {s!r}")
@@ -163,6 +163,11 @@ def _cached(cfg: DataConfig, make) -> Source:
     with atomic_path(path) as tmp:
         save_npz(tmp, src)
     return src
+
+
+def _download_root(cfg: DataConfig) -> str:
+    """Where a torchvision-backed set lies: `data.path`, or by default <cache>/<source>."""
+    return cfg.path if cfg.path else str(cache_dir() / cfg.source)
 
 
 def _need_path(cfg: DataConfig) -> str:

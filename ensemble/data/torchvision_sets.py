@@ -40,10 +40,10 @@ def emnist(root: str, split: str = "byclass", download: bool = False) -> Source:
 def omniglot(root: str, download: bool = False, image_size: int = 28) -> Source:
     """Omniglot's 1,623 characters as classes: drawers 1-15 train, 16-20 test, white strokes on black."""
     base = os.path.join(root, Omniglot.folder)
-    if download:
+    set_dirs = [os.path.join(base, name) for name in _OMNIGLOT_SETS]
+    if download and not all(os.path.isdir(d) for d in set_dirs):  # torchvision would fetch the zips again
         for background in (True, False):
             Omniglot(root, background=background, download=True)
-    set_dirs = [os.path.join(base, name) for name in _OMNIGLOT_SETS]
     _require(set_dirs, f"the unzipped Omniglot folders {_OMNIGLOT_SETS} in {base}, laid out as "
              "<Alphabet>/<characterNN>/<charid>_<drawer>.png", download_hint=True)
     characters = [pair for set_dir in set_dirs for pair in _omniglot_characters(set_dir)]

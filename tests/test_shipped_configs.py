@@ -1,0 +1,55 @@
+"""Every shipped config runs for a user who cloned the repository: EMNIST and Omniglot come through
+torchvision into the cache folder, not from ../shared (tested offline on stand-ins of the downloaded
+layouts, with downloading made to fail)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torchvision.datasets.utils
+from test_torchvision_sets import _write_emnist, _write_omniglot
+
+from ensemble.cli import main
+from ensemble.config import load_config
+from ensemble.data import cache_dir, load_data
+from ensemble.pipeline import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["generalist.train.epochs=1", "generalist.net.width=4", "specialists.train.epochs=1",
+         "distill_back.train.epochs=1", "launch.backend=inline"]
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No download happens, and the run starts where ../shared does not exist."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    for module in (torchvision.datasets.utils, torchvision.datasets.mnist, torchvision.datasets.omniglot):
+        monkeypatch.setattr(module, "download_and_extract_archive", refuse, raising=False)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse)
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path.parent / "shared").exists()
+
+
+@pytest.mark.parametrize("name", ["default", "glyphs", "emnist", "omniglot", "scale15k"])
+def test_every_shipped_config_loads_without_the_shared_data(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.data.source != "npz" and "shared" not in str(cfg.data.path)
+
+
+def test_the_emnist_config_runs_end_to_end_from_the_downloaded_layout(offline, tmp_path):
+    rng = np.random.default_rng(0)
+    labels = {"train": np.repeat(np.arange(62), 10), "test": np.repeat(np.arange(62), 2)}
+    images = {part: rng.integers(0, 256, (len(y), 28, 28), dtype=np.uint8) for part, y in labels.items()}
+    _write_emnist(cache_dir() / "emnist", "byclass", images, labels)
+    assert main(["run", "--config", str(ROOT / "configs" / "emnist.yaml"), *QUICK, f"runs_dir={tmp_path / 'runs'}"]) == 0
+    manifest = json.loads((tmp_path / "runs" / "emnist" / "manifest.json").read_text())
+    assert all(manifest["stages"][s.name]["status"] == "done" for s in STAGES)
+
+
+def test_the_omniglot_config_reads_the_downloaded_layout(offline):
+    _write_omniglot(cache_dir() / "omniglot")
+    data = load_data(load_config(ROOT / "configs" / "omniglot.yaml", ["data.val_fraction=0.34"]).data)  # 3 a class
+    assert data.num_classes == 4 and data.input_shape == (1, 28, 28)
+    assert data.group_names == ["Alpha", "Beta", "Gamma"]
