@@ -23,6 +23,7 @@ from combiner import load_ensemble
 from ensemble.config import load_config
 from ensemble.cost import multiply_adds
 from ensemble.data import load_data
+from ensemble.layout import RunDir
 from ensemble.rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +49,7 @@ def _row(name: str) -> dict:
     base = multiply_adds(generalist, data.input_shape)
     steps = sum(e * multiply_adds(net, data.input_shape) / base for e, net in zip(examples, nets)) / per_epoch
     now = budgets(general, special, per_epoch)
-    recorded = read_json(run / "baselines" / "report.json")["budget_epochs"]
+    recorded = read_json(RunDir(run).baselines_report)["budget_epochs"]
     row = {"run": name, "specialist_steps": round(steps, 2), "specialist_forward": round(sum(special) / per_epoch - steps, 2)}
     for budget in ("compute", "wall_clock"):
         row[f"{budget}_recorded"] = round(recorded[budget], 2)

@@ -40,6 +40,7 @@ from common import write_results
 import cluster
 from cluster.simulate import planted_predictions
 from ensemble.config import ClusterConfig, load_config
+from ensemble.layout import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / "runs"
@@ -55,7 +56,7 @@ def main() -> None:
     tracemalloc.start()
     rows, missing = [], []
     for name in args.runs:
-        if (RUNS / name / "generalist" / "predictions.safetensors").is_file():
+        if RunDir(RUNS / name).generalist.predictions.is_file():
             rows += stage_rows(name)
         else:
             missing.append(name)
@@ -85,10 +86,10 @@ def stage_row(name: str, label: str, overrides: list[str]) -> tuple[dict, dict]:
     cfg = load_config(RUNS / name / "config.yaml", overrides)
     scratch = SCRATCH / f"{name}-{label.replace(' ', '').replace(',', '-')}"
     shutil.rmtree(scratch, ignore_errors=True)
-    (scratch / "generalist").mkdir(parents=True)
-    shutil.copy(RUNS / name / "generalist" / "predictions.safetensors", scratch / "generalist")
+    RunDir(scratch).generalist.folder.mkdir(parents=True)
+    shutil.copy(RunDir(RUNS / name).generalist.predictions, RunDir(scratch).generalist.predictions)
     seconds, peak, _ = _timed(lambda: cluster.run(scratch, cfg))
-    report = json.loads((scratch / "cluster" / "report.json").read_text())
+    report = json.loads(RunDir(scratch).cluster_report.read_text())
     return _row(f"{name}: {label}", cfg.cluster, report, seconds, peak), report
 
 

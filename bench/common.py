@@ -14,6 +14,7 @@ from typing import NamedTuple, TypeVar
 import torch
 
 from ensemble.config import Config, load_config
+from ensemble.layout import RunDir
 
 RESULTS = Path(__file__).parent / "results"
 T = TypeVar("T")
@@ -46,7 +47,7 @@ def finished_run(source: str) -> Path:
     """bench/runs/full/SOURCE, a run whose evaluation bench/full_pipeline.py finished; else exit with the
     command that makes it."""
     path = Path(__file__).parent / "runs" / "full" / source
-    if not (path / "combine" / "eval.json").is_file():
+    if not RunDir(path).evaluation.is_file():
         sys.exit(f"{path} has no finished evaluation: run `python bench/full_pipeline.py --configs "
                  f"{source.split('/')[0]}`")
     return path
@@ -54,7 +55,7 @@ def finished_run(source: str) -> Path:
 
 def stage_hash(run_dir: Path, stage: str) -> str:
     """A hash of what a run's stage wrote (its recorded output hashes): equal for runs that share it."""
-    outputs = json.loads((Path(run_dir) / "manifest.json").read_text())["stages"][stage]["outputs"]
+    outputs = json.loads(RunDir(run_dir).manifest.read_text())["stages"][stage]["outputs"]
     return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -71,7 +72,7 @@ def merge_rows(rows: list[dict], path: Path, meta: dict, key: str, order: list[s
 
 def combiner_top1(evaluation: dict) -> dict[str, float]:
     """Test top-1 per combiner ("KL combiner", "within-subset combiner", ...) at the run's first top_n,
-    from a combine stage's eval.json."""
+    from a combiner stage's eval.json."""
     return {r["system"].split(",")[0]: r["test_top1"] for r in evaluation["table3"]
             if r["system"].endswith(f"top_n={evaluation['top_n']}")}
 

@@ -24,6 +24,7 @@ from common import RESULTS, finished_run, merge_rows, stage_hash, write_results
 from baselines import examples
 from ensemble.config import load_config
 from ensemble.data import load_data
+from ensemble.layout import RunDir
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
 
@@ -71,7 +72,7 @@ def main() -> None:
 
 
 def _row(variant: str, run_dir: Path, summary: dict, n_train: int) -> dict:
-    report = read_json(run_dir / "distill_back" / "report.json")
+    report = read_json(RunDir(run_dir).distill_report)
     systems = {r["system"]: r for r in report["systems"]}
     return {
         "variant": variant,
@@ -83,7 +84,7 @@ def _row(variant: str, run_dir: Path, summary: dict, n_train: int) -> dict:
         "student_nll": systems["student"]["test_nll"],
         "control": summary.get("control_top1"),
         "control_gain_kept": summary.get("control_gain_kept"),
-        "student_epochs": round(examples(run_dir / "distill_back" / "metrics.jsonl") / n_train, 2),  # passes
+        "student_epochs": round(examples(RunDir(run_dir).student.history) / n_train, 2),  # passes
         "student_train_min": round(summary["student_train_seconds"] / 60, 2),
     }
 

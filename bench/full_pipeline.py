@@ -24,6 +24,7 @@ from pathlib import Path
 from common import bench_config, combiner_top1, write_results
 
 from combiner import beats_generalist
+from ensemble.layout import RunDir
 from ensemble.pipeline import STAGES, run_pipeline
 from ensemble.rundir import Manifest, read_json
 
@@ -58,9 +59,10 @@ def main() -> None:
 def run_row(name: str, seed: int, run_dir: Path) -> dict:
     """One run's test top-1 per system, its verdict and its minutes per stage."""
     manifest = Manifest(run_dir)
-    report = read_json(run_dir / "distill_back" / "report.json")
-    evaluation = read_json(run_dir / "combine" / "eval.json")
-    baselines = {r["budget"]: r for r in read_json(run_dir / "baselines" / "report.json")["baselines"]}
+    paths = RunDir(run_dir)
+    report = read_json(paths.distill_report)
+    evaluation = read_json(paths.evaluation)
+    baselines = {r["budget"]: r for r in read_json(paths.baselines_report)["baselines"]}
     table3 = combiner_top1(evaluation)
     return {
         "config": name, "seed": seed,

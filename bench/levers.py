@@ -4,7 +4,7 @@
 
 The reference is the source run's config with the `--base` overrides; each lever adds its own to it.
 Each lever copies bench/runs/full/SOURCE (without its baselines, combine and distill_back folders) into
-bench/runs/levers/SOURCE/LEVER and runs the cluster, specialists and combine stages with the lever's
+bench/runs/levers/SOURCE/LEVER and runs the cluster, specialists and combiner stages with the lever's
 overrides; a stage the lever does not touch is done already and skipped, so every lever starts from the
 same generalist. The baselines are not retrained (`baselines.budgets=[]`): compare each row with the
 source run's generalists trained as long as the ensemble (in the JSON's `source_rivals`), minding the
@@ -30,6 +30,7 @@ from common import RESULTS, combiner_top1, finished_run, merge_rows, stage_hash,
 from baselines import epoch_examples, training_compute, training_examples
 from ensemble.config import Config, load_config
 from ensemble.data import load_data
+from ensemble.layout import RunDir
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, read_json
 
@@ -74,11 +75,11 @@ def main() -> None:
         if args.fresh or (run_dir.exists() and stage_hash(run_dir, "generalist") != stage_hash(source, "generalist")):
             shutil.rmtree(run_dir, ignore_errors=True)  # (a lever of another source's generalist is redone)
         if not run_dir.exists():  # else the pipeline skips the stages that are done
-            shutil.copytree(source, run_dir, ignore=lambda folder, names: ["baselines", "combine", "distill_back"]
+            shutil.copytree(source, run_dir, ignore=lambda folder, names: ["baselines", "combiner", "distill_back"]
                             if folder == str(source) else [])
         cfg = load_config(source / "config.yaml", [f"runs_dir={run_dir.parent}", f"name={lever}",
                                                    "baselines.budgets=[]", *args.base, *overrides])
-        for stage in ("cluster", "specialists", "baselines", "combine"):
+        for stage in ("cluster", "specialists", "baselines", "combiner"):
             run_pipeline(cfg, only=stage)
         rows.append(_row(lever, overrides, cfg))
         print(f"{lever}: done", file=sys.stderr, flush=True)
@@ -89,14 +90,14 @@ def main() -> None:
     for row in rows:
         for key in ("kl", "within_subset"):
             row[f"{key}_vs_reference"] = None if reference is None else row[key] - reference[key]
-    evaluation = read_json(source / "combine" / "eval.json")
+    evaluation = read_json(RunDir(source).evaluation)
     baselines = {r["rival"]: r["rival_top1"] for r in evaluation["comparisons"]}
     write_results(name, rows, {**meta, "source_rivals": baselines})
 
 
 def _row(lever: str, overrides: list[str], cfg: Config) -> dict:
     run_dir = cfg.run_dir
-    evaluation = read_json(run_dir / "combine" / "eval.json")
+    evaluation = read_json(RunDir(run_dir).evaluation)
     table3 = combiner_top1(evaluation)
     specialists = Manifest(run_dir).get("specialists")
     data = load_data(cfg.data)

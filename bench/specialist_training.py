@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common import bench_config, write_results
 
+from ensemble.layout import RunDir
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
 
@@ -43,7 +44,7 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = run_pipeline(run_cfg, only="specialists")["specialists"]
         wall = time.perf_counter() - t0
-        report = read_json(copy / "specialists" / "report.json")
+        report = read_json(RunDir(copy).specialists_report)
         launch = report["launch"]
         overhead = launch["startup_seconds"] + launch["transfer_seconds"] + launch.get("first_task_latency", 0.0)
         rows.append({

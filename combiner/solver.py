@@ -85,6 +85,8 @@ class _Problem:
     general: Tensor  # (C, B) p^g
     inside: Tensor  # (L, B) p^m_c at each subset entry where m is active, else 0
     active: Tensor  # (M, B) 1 where specialist m is active for example b, else 0
+    index: Tensor  # (L,) the class of each subset entry: the subsets' ids one after another
+    owner: Tensor  # (L,) the subset of each entry
 
 
 def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
@@ -114,7 +116,7 @@ def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequ
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     problem = _prepare(p_general, specialist_probs, subsets, top_n)
     if method == "within_subset":
-        return _within_subset(problem, p_general, specialist_probs, subsets)
+        return _within_subset(problem).t().contiguous()
     if method == "fixed_point":
         q = _fixed_point(problem, max(torch.finfo(p_general.dtype).eps, 1e-10) if tol is None else tol, max_iter)
     else:
@@ -122,22 +124,25 @@ def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequ
     return q.t().contiguous()
 
 
-def _within_subset(problem: _Problem, p_general: Tensor, specialist_probs: Sequence[Tensor],
-                   subsets: Sequence[Sequence[int] | Tensor]) -> Tensor:
+def _within_subset(problem: _Problem) -> Tensor:
     """On each active S_m, p^g(S_m) · p^m_c / Σ_{S_m} p^m, p^g elsewhere; the mean over the active
-    specialists, built as |A|·p^g plus each active one's change on its own subset: O(B·(C + Σ|S_m|))."""
-    num_active = problem.weights.num_active[:, None]
-    total = num_active * p_general
-    for active, p, s in zip(problem.active, specialist_probs, subsets):
-        ids = torch.as_tensor(s, device=p_general.device).long()
-        p = torch.as_tensor(p).to(p_general)
-        general, inside = p_general[:, ids], p[:, :-1]
-        tiny = torch.finfo(p.dtype).tiny
-        mass = inside.sum(dim=1, keepdim=True)  # not 1 - p^m_⊥, which cancels when the dustbin holds nearly all
-        within = torch.where(mass > 0, inside / mass.clamp_min(tiny),  # all of it underflowed: the generalist's
-                             general / general.sum(dim=1, keepdim=True).clamp_min(tiny))
-        total[:, ids] += active[:, None] * (general.sum(dim=1, keepdim=True) * within - general)
-    return torch.where(num_active > 0, total / num_active.clamp_min(1), p_general)
+    specialists, built as |A|·p^g plus each active one's change on its own subset: O(B·(C + Σ|S_m|)).
+    Where the specialist's mass on S_m underflowed to 0, the generalist's distribution within S_m."""
+    tiny, owner = torch.finfo(problem.general.dtype).tiny, problem.owner
+    general = problem.general.index_select(0, problem.index)  # (L, B) p^g at each subset entry
+    mass = _subset_sums(problem, problem.inside)  # (M, B) Σ_{S_m} p^m: not 1 - p^m_⊥, which cancels
+    general_mass = _subset_sums(problem, general)  # (M, B) p^g(S_m)
+    within = torch.where(mass[owner] > 0, problem.inside / mass[owner].clamp_min(tiny),
+                         general / general_mass[owner].clamp_min(tiny))
+    change = problem.active[owner] * (general_mass[owner] * within - general)
+    num_active = problem.weights.num_active
+    total = (num_active * problem.general).index_add_(0, problem.index, change)
+    return torch.where(num_active > 0, total / num_active.clamp_min(1), problem.general)
+
+
+def _subset_sums(problem: _Problem, x: Tensor) -> Tensor:
+    """(M, B) the sum of x (L, B), one row per subset entry, over each subset's entries."""
+    return x.new_zeros(problem.active.shape[0], x.shape[1]).index_add_(0, problem.owner, x)
 
 
 def objective(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
@@ -381,7 +386,7 @@ def _prepare(p_general: Tensor, specialist_probs: Sequence[Tensor],
     cell, outside = _cells(index, owner, num_classes, len(ids), p_general)
     k, num_active = general.index_add(0, index, inside), active.sum(0)
     weights = _Weights(k=k, dustbin=dustbin, num_active=num_active, cell=cell, outside=outside)
-    return _Problem(weights=weights, general=general, inside=inside, active=active)
+    return _Problem(weights=weights, general=general, inside=inside, active=active, index=index, owner=owner)
 
 
 def _cells(index: Tensor, owner: Tensor, num_classes: int, num_subsets: int, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Stage 5: the ensemble distilled back into one network, and the distillation loss."""
+"""Stage 6: the ensemble distilled back into one network, and the distillation loss."""
 from .loss import distillation_loss
 from .stage import check, run
 

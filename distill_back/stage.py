@@ -1,4 +1,4 @@
-"""Stage 5, `distill_back`: one student network learns the ensemble's combined distribution q*.
+"""Stage 6, `distill_back`: one student network learns the ensemble's combined distribution q*.
 
 Writes `soft_targets.safetensors` (log q* on the transfer set, computed once and reused by a resumed
 run), the student's `model.safetensors`, `metrics.jsonl` and checkpoint; with `distill_back.control` the

@@ -77,7 +77,7 @@ class GeneralistConfig:
     """Stage 1: one network over all classes."""
 
     net: NetConfig = field(default_factory=lambda: NetConfig(name="mlp", width=8, depth=1))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, augment="none"))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=24, augment="none"))
 
 
 @dataclass
@@ -125,7 +125,8 @@ class SpecialistsConfig:
 
 @dataclass
 class BaselinesConfig:
-    """The bar the ensemble must clear: the generalist's net trained from scratch for as long as the ensemble."""
+    """Stage 4: the bar the ensemble must clear, the generalist's net trained from scratch for as long as
+    the ensemble."""
 
     budgets: list[Literal["compute", "wall_clock"]] = field(default_factory=lambda: ["compute", "wall_clock"])
     #   compute: the generalist's and all specialists' training compute; wall_clock: the generalist's and the
@@ -140,18 +141,18 @@ def specialist_net_config(cfg: "Config") -> NetConfig:
 
 @dataclass
 class CombineConfig:
-    """Stage 4: how the generalist and the specialists are combined, and evaluated on the test set."""
+    """Stage 5, combiner: how the generalist and the specialists are combined, and evaluated on the test set."""
 
     top_n: list[int] = field(default_factory=lambda: [1, 2, 5])  # the first is the ensemble's; all are evaluated
     method: Literal["fixed_point", "gradient", "within_subset", "auto"] = "within_subset"  # the paper's KL
     #   objective (solved by EM, or by gradient descent as in the paper), or the within-subset rule, which trusts
     #   the generalist for which subset and the specialist for which class inside it (see combiner.solver);
-    #   auto: fixed_point or within_subset, whichever has the higher validation top-1 (the combine stage chooses)
+    #   auto: fixed_point or within_subset, whichever has the higher validation top-1 (the combiner stage chooses)
 
 
 @dataclass
 class DistillBackConfig:
-    """Stage 5: one student learns the ensemble's combined distribution q* (the combiner at the first
+    """Stage 6: one student learns the ensemble's combined distribution q* (the combiner at the first
     `combine.top_n`) on the transfer set."""
 
     net: NetConfig | None = None  # the student; null: the generalist's architecture

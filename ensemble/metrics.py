@@ -10,12 +10,17 @@ import torch.nn.functional as F
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """Top-1, top-5 accuracy and NLL (mean negative log-likelihood) of logits against labels."""
-    k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
+    return {f"{prefix}{k}": v / len(y) for k, v in classification_sums(logits, y).items()}
+
+
+def classification_sums(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """The examples right at top-1 and at top-5, and the summed NLL: what `classification_metrics`
+    averages, to be added up batch by batch."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     return {
-        f"{prefix}top1": (top[:, 0] == y).float().mean().item(),
-        f"{prefix}top5": (top == y[:, None]).any(dim=1).float().mean().item(),
-        f"{prefix}nll": F.cross_entropy(logits, y).item(),
+        "top1": int((top[:, 0] == y).sum()),
+        "top5": int((top == y[:, None]).any(dim=1).sum()),
+        "nll": F.cross_entropy(logits.float(), y, reduction="sum").item(),
     }
 
 

@@ -26,6 +26,7 @@ import specialists
 
 from .config import Config, config_hash, to_dict
 from .data import data_fingerprint
+from .launch import held_sessions, set_up_process
 from .layout import STAGE_NAMES, RunDir
 from .rundir import Manifest, file_hash, output_hashes, write_run_files
 
@@ -81,6 +82,7 @@ def stage_named(name: str) -> Stage:
 
 def run_pipeline(cfg: Config, only: str | None = None) -> dict[str, dict]:
     """Run every stage (or only the one named), skipping those already done. Returns their summaries."""
+    set_up_process()
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_files(run_dir, to_dict(cfg))
@@ -89,12 +91,13 @@ def run_pipeline(cfg: Config, only: str | None = None) -> dict[str, dict]:
     for stage in stages:
         stage.check(cfg)
     summaries = {}
-    for stage in stages:
-        for up in stage.after:
-            if state(stage_named(up), cfg, manifest) != "done":
-                raise ValueError(f"stage {stage.name} needs stage {up} done first: run `ensemble run` "
-                                 f"or `ensemble stage {up}` with the same config")
-        summaries[stage.name] = run_stage(stage, cfg, manifest)
+    with held_sessions():  # the stages that use Ray share one cluster
+        for stage in stages:
+            for up in stage.after:
+                if state(stage_named(up), cfg, manifest) != "done":
+                    raise ValueError(f"stage {stage.name} needs stage {up} done first: run `ensemble run` "
+                                     f"or `ensemble stage {up}` with the same config")
+            summaries[stage.name] = run_stage(stage, cfg, manifest)
     return summaries
 
 

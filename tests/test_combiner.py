@@ -126,7 +126,7 @@ def test_without_baselines_the_verdict_says_it_cannot_tell(upstream, tmp_path):
 
 
 def test_auto_combiner_is_the_one_with_the_higher_validation_top1(trained, tmp_path):
-    """combine.method=auto: the combine stage picks the KL or the within-subset combiner on the validation
+    """combine.method=auto: the combiner stage picks the KL or the within-subset combiner on the validation
     set, records both scores, and the run's Combiner (and so distill_back) uses its pick."""
     import shutil
 

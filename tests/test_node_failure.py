@@ -68,6 +68,7 @@ def test_a_dead_node_loses_no_specialist(nodes, upstream, tmp_path):
 
     metrics = {m: json.loads((out / m / "metrics.json").read_text()) for m in ("m000", "m001", "m002")}
     assert all(m["epochs"] == 40 for m in metrics.values())
-    assert metrics[lost]["provenance"]["resumed_from_epoch"] >= 2 and metrics[lost]["provenance"]["node_id"] != victim.node_id
+    provenance = metrics[lost]["provenance"]
+    assert provenance["resumed_from_epoch"] >= 2 and provenance["node_id"] != victim.node_id
     summary = json.loads((tmp_path / "r" / "manifest.json").read_text())["stages"]["specialists"]["summary"]
     assert summary["restarts"].get(lost, 0) >= 1 and lost in summary["resumed"]

@@ -43,7 +43,8 @@ def test_the_emnist_config_runs_end_to_end_from_the_downloaded_layout(offline, t
     labels = {"train": np.repeat(np.arange(62), 10), "test": np.repeat(np.arange(62), 2)}
     images = {part: rng.integers(0, 256, (len(y), 28, 28), dtype=np.uint8) for part, y in labels.items()}
     _write_emnist(cache_dir() / "emnist", "byclass", images, labels)
-    assert main(["run", "--config", str(ROOT / "configs" / "emnist.yaml"), *QUICK, f"runs_dir={tmp_path / 'runs'}"]) == 0
+    config = str(ROOT / "configs" / "emnist.yaml")
+    assert main(["run", "--config", config, *QUICK, f"runs_dir={tmp_path / 'runs'}"]) == 0
     manifest = json.loads((tmp_path / "runs" / "emnist" / "manifest.json").read_text())
     assert all(manifest["stages"][s.name]["status"] == "done" for s in STAGES)
 

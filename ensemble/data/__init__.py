@@ -43,8 +43,28 @@ class Data:
         return tuple(self.x_train.shape[1:])
 
 
+_loaded: dict = {}  # the data set this process loaded last, and what identified it
+
+
 def load_data(cfg: DataConfig) -> Data:
-    """The configured data set, checked, with its validation split carved from the training data."""
+    """The configured data set, checked, with its validation split carved from the training data. The
+    last one loaded is kept for the next call with the same config, cache and file (every stage of a
+    run loads it; callers only read it)."""
+    key = (config_hash(cfg), str(cache_dir()), _stamp(cfg.path))
+    if _loaded.get("key") != key:
+        _loaded.update(key=key, data=_load(cfg))
+    return _loaded["data"]
+
+
+def _stamp(path: str | None) -> tuple | None:
+    """A file's size and modification time, to notice a changed file between calls."""
+    if path is None or not Path(path).is_file():
+        return None
+    info = Path(path).stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def _load(cfg: DataConfig) -> Data:
     src = load_source(cfg)
     validate_source(src, name=cfg.source)
     if not 0.0 < cfg.val_fraction < 1.0:
