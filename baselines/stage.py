@@ -32,7 +32,7 @@ from ensemble.launch import Store, run_tasks, task_folder
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
 from ensemble.nets import build_net, load_net
-from ensemble.rundir import read_json, save_tensors, write_json, write_text
+from ensemble.rundir import read_json, save_tensors, save_trained, trained_metrics, write_json
 from ensemble.train import predict_logits, resolve_device
 from generalist import train_generalist
 from specialists import load_specialists, make_head
@@ -57,11 +57,11 @@ def run(run_dir: Path, cfg: Config) -> dict:
     general, specialists = training_compute(run_dir, cfg, data)
     epochs = budgets(general, specialists, epoch_examples(cfg, data))
     jobs = [Budget(name, math.ceil(epochs[name] - 1e-9)) for name in cfg.baselines.budgets]
-    todo = [job for job in jobs if not paths.baseline(job.name).metrics.is_file()]
+    todo = [job for job in jobs if trained_metrics(paths.baseline(job.name), TITLES[job.name]) is None]
     started = time.time()
     run_tasks(train_baseline, todo, (data, cfg), cfg.launch, lambda job, row: _save(paths, job, row),
               checkpoints=paths.stage("baselines"), device=resolve_device(cfg.device), desc="baselines")
-    rows = [{**read_json(paths.baseline(job.name).metrics), "budget_epochs": epochs[job.name]} for job in jobs]
+    rows = [{**_metrics(paths, job), "budget_epochs": epochs[job.name]} for job in jobs]
     for row in rows:
         print(f"{row['system']}: {row['epochs']} epochs, test top-1 {row['test_top1']:.4f}", flush=True)
     write_json(paths.baselines_report, {"budget_epochs": epochs, "baselines": rows,
@@ -87,12 +87,16 @@ def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: 
 
 
 def _save(paths: RunDir, job: Budget, result: dict) -> None:
-    """Write a finished baseline: weights, predictions and history first, metrics last (they mark it done)."""
+    """Write a finished baseline: its test predictions, then weights, history and metrics (last: they
+    mark it done)."""
     folder = paths.baseline(job.name)
-    save_tensors(folder.weights, result["weights"])
     save_tensors(folder.predictions, {"test_pred": result["test_pred"]})
-    write_text(folder.history, "".join(json.dumps(row) + "\n" for row in result["history"]))
-    write_json(folder.metrics, result["metrics"])
+    save_trained(folder, result["weights"], result["history"], result["metrics"])
+
+
+def _metrics(paths: RunDir, job: Budget) -> dict:
+    metrics = read_json(paths.baseline(job.name).metrics)
+    return {k: v for k, v in metrics.items() if k != "weights_sha256"}
 
 
 def check(cfg: Config) -> None:

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .layout import CHECKPOINT, RunDir
+from .layout import CHECKPOINT, NetDir, RunDir
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -56,6 +56,11 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """A training's per-epoch metrics, one JSON object a line (metrics.jsonl)."""
+    write_text(path, "".join(json.dumps(row) + "\n" for row in history))
 
 
 def read_json(path: Path) -> Any:
@@ -97,6 +102,33 @@ def load_checkpoint(path: Path) -> dict:
             f"checkpoint {path} is corrupt or not ours ({type(e).__name__}); "
             "delete it to restart this stage from scratch"
         ) from None
+
+
+def save_trained(folder: NetDir, weights: dict[str, torch.Tensor], history: list[dict], metrics: dict) -> None:
+    """Write one trained net's folder: its weights and per-epoch history, then `metrics.json` with the
+    weights' sha256. The metrics come last: their presence marks the net done, and the hash lets a
+    rerun tell that the weights are still the ones trained (`trained_metrics`)."""
+    save_tensors(folder.weights, weights)
+    write_history(folder.history, history)
+    write_json(folder.metrics, {**metrics, "weights_sha256": file_hash(folder.weights)})
+
+
+def trained_metrics(folder: NetDir, what: str) -> dict | None:
+    """The metrics of the net in `folder` (`what` names it in messages) if it was trained and its weights
+    are still the ones it recorded; None if it was never finished, or (with a one-line warning) if its
+    metrics are unreadable or its weights changed or went missing since: then it is trained again."""
+    if not folder.metrics.is_file():
+        return None
+    try:
+        metrics = json.loads(folder.metrics.read_text())
+        intact = folder.weights.is_file() and metrics.get("weights_sha256") == file_hash(folder.weights)
+    except (OSError, ValueError):
+        intact = False
+    if not intact:
+        print(f"warning: {what}'s weights {folder.weights} are not the ones it trained (changed, unreadable or "
+              "missing): training it again", file=sys.stderr, flush=True)
+        return None
+    return metrics
 
 
 def file_hash(path: Path) -> str:

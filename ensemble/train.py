@@ -8,7 +8,6 @@ loss and accuracy, one printed line per epoch, and `<workdir>/metrics.jsonl`.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -25,7 +24,7 @@ from .config import TrainConfig, config_hash
 from .layout import CHECKPOINT, HISTORY
 from .metrics import classification_sums
 from .nets import is_conv
-from .rundir import load_checkpoint, save_checkpoint, write_text
+from .rundir import load_checkpoint, save_checkpoint, write_history
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[torch.Generator], torch.Tensor]  # one epoch's example indices, in order
@@ -125,7 +124,7 @@ def fit(
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
             "rng": _rng_state(device), "gen": gen.get_state(),
         })
-        write_text(workdir / HISTORY, "".join(json.dumps(r) + "\n" for r in history))
+        write_history(workdir / HISTORY, history)
         if on_epoch is not None:
             on_epoch(history)
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(

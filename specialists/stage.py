@@ -8,7 +8,6 @@ its last checkpoint. `load_specialists` gives later stages the trained specialis
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from ensemble.launch import run_tasks
 from ensemble.layout import NetDir, RunDir
 from ensemble.metrics import conditional_top1
 from ensemble.nets import load_net
-from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
+from ensemble.rundir import load_tensors, read_json, save_trained, trained_metrics, write_json
 from ensemble.train import resolve_device
 
 from .heads import make_head
@@ -48,7 +47,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
              f"the generalist's weights {paths.generalist.weights}")  # fail here, before any task starts
 
     jobs = [Job(m, tuple(s)) for m, s in enumerate(subsets)]
-    todo = [job for job in jobs if not paths.specialist(job.index).metrics.is_file()]
+    todo = [job for job in jobs if trained_metrics(paths.specialist(job.index), f"specialist {job.name}") is None]
     todo.sort(key=lambda job: -len(job.classes))  # largest first, so the last to finish are short
     print(f"specialists: {len(jobs)} subsets; {len(jobs) - len(todo)} trained in an earlier run, training "
           f"{len(todo)} with the {cfg.launch.backend} backend", flush=True)
@@ -127,17 +126,15 @@ def load_specialists(run_dir: Path, cfg: Config) -> Specialists:
 
 
 def _save(folder: NetDir, result: Trained) -> None:
-    """Write a finished specialist: weights and history first, metrics last (their presence marks it done)."""
-    save_tensors(folder.weights, result.weights)
-    write_text(folder.history, "".join(json.dumps(row) + "\n" for row in result.history))
-    write_json(folder.metrics, {**result.metrics, "provenance": result.provenance})
+    """Write a finished specialist (its metrics last: they mark it done)."""
+    save_trained(folder, result.weights, result.history, {**result.metrics, "provenance": result.provenance})
 
 
 def _row(job: Job, recorded: dict, probs: torch.Tensor, labels: torch.Tensor) -> dict:
     """A specialist's line in the report: its metrics and provenance, and the generalist's conditional
     top-1 on the same subset."""
     general = conditional_top1(probs, labels, [torch.tensor(job.classes)])
-    metrics = {k: v for k, v in recorded.items() if k != "provenance"}
+    metrics = {k: v for k, v in recorded.items() if k not in ("provenance", "weights_sha256")}
     return {"specialist": job.name, **metrics, **recorded["provenance"], "generalist_conditional_top1": general,
             "conditional_gain": metrics["conditional_top1"] - general}
 

@@ -111,3 +111,27 @@ def test_resources_no_node_has_are_an_error():
         check_resources(nodes, 1, 2)
     with pytest.raises(ValueError, match="whole number"):
         check_resources(nodes, 1, 1.5)
+
+
+def test_a_specialist_whose_weights_changed_is_trained_again_alone(upstream, tmp_path, monkeypatch, capsys):
+    """Issue 21: m000's weights swapped for m001's, then m002's truncated. Each rerun finds the one
+    specialist whose weights are not those it trained, trains it alone again (from its last checkpoint),
+    and the run's numbers come back."""
+    cfg = specialists_run(upstream, tmp_path)
+    run_pipeline(cfg)
+    out = tmp_path / "r" / "specialists"
+    weights = {m: (out / m / "model.safetensors").read_bytes() for m in ("m000", "m001", "m002")}
+    evaluation = (tmp_path / "r" / "combiner" / "eval.json").read_text()
+    trained = []
+    train = specialists.stage.train_specialist
+    monkeypatch.setattr(specialists.stage, "train_specialist",
+                        lambda job, *a: trained.append(job.name) or train(job, *a))
+    for broken, damage in (("m000", weights["m001"]), ("m002", weights["m002"][:100])):
+        (out / broken / "model.safetensors").write_bytes(damage)
+        trained.clear()
+        run_pipeline(cfg)
+        assert trained == [broken]
+        assert f"specialist {broken}'s weights" in capsys.readouterr().err
+        assert {m: (out / m / "model.safetensors").read_bytes() for m in weights} == weights
+        assert (tmp_path / "r" / "combiner" / "eval.json").read_text() == evaluation
+        assert Manifest(tmp_path / "r").get("specialists")["status"] == "done"
