@@ -9,7 +9,9 @@ it whose inputs changed.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -115,7 +117,8 @@ def run_stage(stage: Stage, cfg: Config, manifest: Manifest) -> dict:
     print(f"[{stage.name}] running", flush=True)
     started = time.time()
     manifest.set(stage.name, status="running", fingerprint=fp, seed=cfg.seed, inputs=inputs,
-                 started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)))
+                 started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), pid=os.getpid(),
+                 host=socket.gethostname())
     try:
         summary = stage.run(run_dir, cfg)
     except KeyboardInterrupt:
@@ -136,11 +139,14 @@ def fingerprint(stage: Stage, cfg: Config, manifest: Manifest) -> tuple[str, dic
 
 
 def state(stage: Stage, cfg: Config, manifest: Manifest) -> str:
-    """'done', 'stale' (done under another config or inputs, or outputs changed since), or the recorded
-    status ('running', 'interrupted', 'failed'), or 'not started'."""
+    """'done', 'stale' (done under another config or inputs, or outputs changed since), the recorded
+    status ('running', 'interrupted', 'failed'), 'died' (recorded running, but its process on this host
+    is gone: killed), or 'not started'."""
     entry = manifest.get(stage.name)
     if not entry:
         return "not started"
+    if entry["status"] == "running" and not _process_alive(entry):
+        return "died"
     if entry["status"] != "done":
         return entry["status"]
     if entry["fingerprint"] != fingerprint(stage, cfg, manifest)[0]:
@@ -148,3 +154,17 @@ def state(stage: Stage, cfg: Config, manifest: Manifest) -> str:
     if output_hashes(RunDir(cfg.run_dir).stage(stage.name)) != entry["outputs"]:
         return "stale"
     return "done"
+
+
+def _process_alive(entry: dict) -> bool:
+    """Whether the process a manifest entry records is still running; on another host it cannot be told,
+    and counts as alive."""
+    if entry.get("host") != socket.gethostname() or "pid" not in entry:
+        return True
+    try:
+        os.kill(entry["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True

@@ -141,3 +141,19 @@ def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     for name in ("model.safetensors", "predictions.safetensors"):
         assert (tmp_path / "cut" / "generalist" / name).read_bytes() == \
             (tmp_path / "whole" / "generalist" / name).read_bytes()
+
+
+def test_status_tells_a_running_stage_from_one_whose_process_died(tmp_path, capsys):
+    """Issue 21: after a kill -9 the manifest still says 'running'; `ensemble status` says it died."""
+    run_pipeline(_cfg(tmp_path))
+    manifest = Manifest(tmp_path / "r")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    manifest.update("generalist", status="running", pid=int(finished.stdout))  # its process is gone
+    assert main(["status", str(tmp_path / "r")]) == 0
+    assert "generalist    died" in capsys.readouterr().out
+    manifest.update("generalist", pid=os.getpid())  # this process: alive
+    assert main(["status", str(tmp_path / "r")]) == 0
+    assert "generalist    running" in capsys.readouterr().out
+    run_pipeline(_cfg(tmp_path))  # a died stage resumes like an interrupted one
+    assert Manifest(tmp_path / "r").get("generalist")["status"] == "done"
