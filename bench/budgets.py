@@ -45,7 +45,8 @@ def _row(name: str) -> dict:
     per_epoch = epoch_examples(cfg, data)
     general, special = training_compute(run, cfg, data)
     _, examples = training_examples(run)
-    generalist, nets, _ = load_ensemble(run, cfg)
+    ensemble = load_ensemble(run, cfg)
+    generalist, nets = ensemble.generalist, ensemble.specialists
     base = multiply_adds(generalist, data.input_shape)
     steps = sum(e * multiply_adds(net, data.input_shape) / base for e, net in zip(examples, nets)) / per_epoch
     now = budgets(general, special, per_epoch)

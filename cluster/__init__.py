@@ -26,12 +26,12 @@ quarter of and three times C/M, overlapping subsets of 1.5·C/M classes.
 from .covariance import centred_logits, check_predictions, covariance_matrix, unit_rows
 from .report import (confusion_capture, coverage, group_agreement, random_capture, single_assignment,
                      soft_confusion, subset_report, together)
-from .stage import find_subsets, resolve, run
+from .stage import check, find_subsets, resolve, run
 from .subsets import (bounded_assignment, class_vectors, fit_kmeans, membership, overlapping, partition,
                       squared_distances)
 
 __all__ = [
-    "run", "resolve", "find_subsets",
+    "run", "check", "resolve", "find_subsets",
     "check_predictions", "centred_logits", "covariance_matrix", "unit_rows",
     "class_vectors", "fit_kmeans", "partition", "bounded_assignment", "overlapping", "squared_distances",
     "membership",

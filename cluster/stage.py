@@ -34,6 +34,13 @@ def resolve(c: ClusterConfig, num_classes: int) -> ClusterConfig:
     )
 
 
+def check(cfg: Config) -> None:
+    """The stage's settings, checked before the pipeline starts any stage."""
+    c = cfg.cluster
+    if c.min_size is not None and c.max_size is not None and c.min_size > c.max_size:
+        raise ValueError(f"cluster.min_size {c.min_size} is above cluster.max_size {c.max_size}")
+
+
 def find_subsets(matrix: np.ndarray, c: ClusterConfig, seed: int
                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """K-means on the columns of `matrix` and the subsets config `c` (sizes resolved) asks for; also

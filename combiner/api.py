@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,9 +31,13 @@ class Combiner:
     need it, and returns the combiner's q (see `combine`)."""
 
     def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], subsets: Sequence[Sequence[int]],
-                 *, top_n: int | None = 1, method: Method = "fixed_point", device: str | torch.device = "cpu"):
+                 *, top_n: int | None = 1, method: Method = "fixed_point", device: str | torch.device = "cpu",
+                 input_shape: tuple[int, int, int] | None = None):
+        """`input_shape`: the (C, H, W) of the images the nets were trained on, which `predict_proba`
+        checks its inputs against (`from_run` knows it)."""
         if len(specialists) != len(subsets):
             raise ValueError(f"{len(specialists)} specialists but {len(subsets)} subsets")
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         self.device = resolve_device(str(device))
         self.generalist = generalist.to(self.device).eval()
         self.specialists = [net.to(self.device).eval() for net in specialists]
@@ -48,15 +53,18 @@ class Combiner:
         if "method" not in kwargs:
             kwargs["method"] = combine_method(run_dir, cfg)
         kwargs = {"top_n": cfg.combine.top_n[0], **kwargs}
-        return cls(*load_ensemble(run_dir, cfg), **kwargs)
+        ensemble = load_ensemble(run_dir, cfg)
+        return cls(ensemble.generalist, ensemble.specialists, ensemble.subsets, input_shape=ensemble.input_shape,
+                   **kwargs)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1].
+        """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1]; anything else is
+        a ValueError that says what was expected.
 
         The nets run in float32; their softmaxes and the combiner in float64 (probabilities far below
         float32's 1e-38 keep their ratios; the combiner costs little beside the nets)."""
-        x = x.to(self.device)
+        x = self._images(x).to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         p_general = self.generalist(x).double().softmax(dim=1)
         active = active_specialists(p_general, self.subsets, self.top_n)  # (M, N) bool
@@ -68,6 +76,22 @@ class Combiner:
                 p[rows] = net(x[rows]).double().softmax(dim=1)
             probs.append(p)
         return combine(p_general, probs, self.subsets, top_n=self.top_n, method=self.method).float()
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` if it is a batch of images the nets can take, else a ValueError saying what they take."""
+        x = torch.as_tensor(x)
+        expected = "(N, C, H, W)" if self.input_shape is None else f"(N, {', '.join(map(str, self.input_shape))})"
+        if x.dim() != 4:
+            raise ValueError(f"images must be a batch {expected} (channels first), got shape {tuple(x.shape)}")
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"the ensemble was trained on images of shape {expected} (channels first), "
+                             f"got {tuple(x.shape)}: resize them to it")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ValueError(f"images must be uint8 (0..255) or floats in [0, 1], got {x.dtype}")
+        if x.is_floating_point() and x.numel() and not (x.min() >= 0 and x.max() <= 1):
+            raise ValueError(f"float images must lie in [0, 1], got values in [{x.min().item():g}, "
+                             f"{x.max().item():g}]: divide them by 255, or pass uint8")
+        return x
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The most probable class of each image under q."""
@@ -85,9 +109,19 @@ def combine_method(run_dir: Path, cfg: Config) -> Method:
     return read_json(path)["method"]
 
 
-def load_ensemble(run_dir: Path, cfg: Config) -> tuple[nn.Module, list[nn.Module], list[list[int]]]:
+@dataclass(frozen=True)
+class Ensemble:
+    """A run's generalist and specialists (with their subsets), and the image shape they take."""
+
+    generalist: nn.Module
+    specialists: list[nn.Module]
+    subsets: list[list[int]]
+    input_shape: tuple[int, int, int]
+
+
+def load_ensemble(run_dir: Path, cfg: Config) -> Ensemble:
     """The generalist, the specialists and their subsets, as a run's specialists stage left them."""
     specialists = load_specialists(run_dir, cfg)
     generalist = load_net(cfg.generalist.net, specialists.input_shape, specialists.num_classes,
                           RunDir(run_dir).generalist.weights, "the generalist's weights")
-    return generalist, specialists.nets, specialists.subsets
+    return Ensemble(generalist, specialists.nets, specialists.subsets, specialists.input_shape)

@@ -24,7 +24,7 @@ from ensemble.nets import Net, build_net, load_net
 from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
 from ensemble.train import fit, predict_logits, resolve_device
 
-from .loss import check_distillation, distillation_loss
+from .loss import distillation_loss
 from .plots import plot_distill_back
 from .transfer import soft_targets, transfer_set
 
@@ -37,9 +37,10 @@ def run(run_dir: Path, cfg: Config) -> dict:
     check(cfg)
     data = load_data(cfg.data)
     device = resolve_device(cfg.device)
-    generalist, specialists, subsets = load_ensemble(run_dir, cfg)
-    combiner = Combiner(generalist, specialists, subsets, top_n=cfg.combine.top_n[0],
-                        method=combine_method(run_dir, cfg), device=device)
+    ensemble = load_ensemble(run_dir, cfg)
+    generalist = ensemble.generalist
+    combiner = Combiner(generalist, ensemble.specialists, ensemble.subsets, top_n=cfg.combine.top_n[0],
+                        method=combine_method(run_dir, cfg), device=device, input_shape=ensemble.input_shape)
     batch = dcfg.train.eval_batch_size
 
     def generalist_proba(xb: torch.Tensor) -> torch.Tensor:
@@ -100,9 +101,6 @@ def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Calla
 def check(cfg: Config) -> None:
     """The stage's settings, checked before the pipeline starts any stage."""
     dcfg = cfg.distill_back
-    check_distillation(dcfg.temperature, dcfg.alpha)
-    if dcfg.augmented_copies < 0:
-        raise ValueError(f"distill_back.augmented_copies must be >= 0, got {dcfg.augmented_copies}")
     if dcfg.init == "generalist" and (dcfg.net or cfg.generalist.net) != cfg.generalist.net:
         raise ValueError("distill_back.init=generalist needs the generalist's architecture "
                          f"(distill_back.net {dcfg.net} is not generalist.net {cfg.generalist.net}): "

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, run_config
+from .config import load_config, run_config
+from .launch import TasksFailed, one_line
 from .pipeline import STAGES, run_pipeline, stage_named, state
 from .rundir import Manifest
 
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p_status = sub.add_parser("status", help="show each stage's state and key metric for a run directory",
                               description="Show each stage's state and key metric for a run directory.")
     p_status.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/default")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show its traceback instead of one line (or set ENSEMBLE_DEBUG=1)")
 
     # argparse gives `overrides` nothing once an option follows the stage name ("stage cluster
     # --config f a=b"), so key=value words it leaves over are overrides too.
@@ -77,9 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, FileNotFoundError, ConnectionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if args.debug or os.environ.get("ENSEMBLE_DEBUG"):
+            raise
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _message(error: Exception) -> str:
+    """What the user reads of an error: its message for the errors a user causes (bad settings, files,
+    data, a failed task: one line each), else its type and first line and where to see more."""
+    if isinstance(error, (ValueError, FileNotFoundError, ConnectionError, TasksFailed)):
+        return str(error)
+    return f"{one_line(error)} (unexpected: rerun with --debug for the traceback)"
 
 
 def status(run_dir: Path) -> int:

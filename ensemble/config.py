@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,23 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+def at_least(low: float) -> dict:
+    """Field metadata: the value must be >= low (null passes where the type allows it)."""
+    return {"valid": (lambda v: v >= low, f">= {low}")}
+
+
+def above(low: float) -> dict:
+    return {"valid": (lambda v: v > low, f"> {low}")}
+
+
+def between(low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> dict:
+    """Field metadata: the value must lie between low and high, each end closed unless said open."""
+    def valid(v: float) -> bool:
+        return (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
+
+    return {"valid": (valid, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")}
+
+
 @dataclass
 class DataConfig:
     """Where the images come from and how the validation split is carved."""
@@ -33,13 +51,17 @@ class DataConfig:
     ] = "synthetic"
     path: str | None = None  # npz file or image folder; torchvision-backed sets: their root (null: <cache>/<source>)
     download: bool = False  # torchvision-backed sets (emnist, omniglot, cifar100): fetch missing files
-    num_classes: int = 1000  # glyphs, synthetic
-    train_per_class: int = 300  # glyphs, synthetic
-    test_per_class: int = 20  # glyphs, synthetic
-    group_size: int = 10  # synthetic: classes per planted confusable group
-    noise: float = 1.0  # synthetic: standard deviation of the pixel noise (how hard the classes are to tell apart)
-    image_size: int = 28  # glyphs, synthetic, omniglot, imagefolder
-    val_fraction: float = 0.1  # share of the training data held out, stratified by class
+    num_classes: int = field(default=1000, metadata=at_least(2))  # glyphs, synthetic
+    train_per_class: int = field(default=300, metadata=at_least(1))  # glyphs, synthetic
+    test_per_class: int = field(default=20, metadata=at_least(1))  # glyphs, synthetic
+    group_size: int = field(default=10, metadata=at_least(1))  # synthetic: classes per planted confusable group
+    noise: float = field(default=1.0, metadata=at_least(0))  # synthetic: standard deviation of the pixel noise (how hard the classes are to tell apart)
+    image_size: int = field(default=28, metadata=at_least(4))  # glyphs, synthetic, omniglot, imagefolder
+    val_fraction: float = field(default=0.1, metadata=between(0, 1, low_open=True, high_open=True))  # held out
+    layout: Literal["auto", "NHW", "NHWC", "NCHW"] = field(default="auto", metadata={"neutral": "auto"})
+    #   how 4-D images are laid out (npz); auto: channels are the axis of size 1, 3 or 4, an error where both could be
+    missing_classes: Literal["error", "warn"] = field(default="error", metadata={"neutral": "error"})
+    #   a class with no training example (in the test set only, or nowhere: a stray label): an error, or a warning
     seed: int = 0  # generators and the validation split (the run's seed drives training)
 
 
@@ -48,28 +70,28 @@ class NetConfig:
     """A network from `ensemble.nets` by name."""
 
     name: Literal["mlp", "cnn", "resnet"] = "cnn"
-    width: int = 32  # mlp: hidden units; cnn, resnet: channels of the first stage
-    depth: int = 1  # mlp: hidden layers; cnn: convs per stage; resnet: blocks per stage
-    dropout: float = 0.0
+    width: int = field(default=32, metadata=at_least(1))  # mlp: hidden units; cnn, resnet: first stage channels
+    depth: int = field(default=1, metadata=at_least(1))  # mlp: hidden layers; cnn: convs per stage; resnet: blocks
+    dropout: float = field(default=0.0, metadata=between(0, 1, high_open=True))
 
 
 @dataclass
 class TrainConfig:
     """The training loop's settings, shared by every stage that trains a network."""
 
-    epochs: int = 12
-    batch_size: int = 128
+    epochs: int = field(default=12, metadata=at_least(1))
+    batch_size: int = field(default=128, metadata=at_least(1))
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = 2e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 5e-4
+    lr: float = field(default=2e-3, metadata=above(0))
+    momentum: float = field(default=0.9, metadata=between(0, 1, high_open=True))  # sgd only
+    weight_decay: float = field(default=5e-4, metadata=at_least(0))
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.0
+    warmup_epochs: float = field(default=0.5, metadata=at_least(0))
+    label_smoothing: float = field(default=0.0, metadata=between(0, 1, high_open=True))
     augment: Literal["none", "shift", "affine"] = "shift"
     amp: bool = True  # mixed precision, on CUDA only
     channels_last: bool = True  # memory format of conv nets
-    eval_batch_size: int = 1024
+    eval_batch_size: int = field(default=1024, metadata=at_least(1))
 
 
 @dataclass
@@ -87,19 +109,19 @@ class ClusterConfig:
     Sizes left at null are set from the number of classes C (see `cluster.resolve`)."""
 
     shape: Literal["partition", "overlapping"] = "overlapping"  # disjoint subsets, or fixed-size overlapping (paper)
-    num_subsets: int | None = None  # M; null: round(sqrt(C))
-    min_size: int | None = None  # partition: fewest classes in a subset; null: ceil(C / M / 4)
-    max_size: int | None = None  # partition: most classes in a subset; null: ceil(3 C / M)
-    subset_size: int | None = None  # overlapping: classes in every subset; null: ceil(1.5 C / M)
+    num_subsets: int | None = field(default=None, metadata=at_least(1))  # M; null: round(sqrt(C))
+    min_size: int | None = field(default=None, metadata=at_least(1))  # partition: fewest classes in a subset; null: ceil(C / M / 4)
+    max_size: int | None = field(default=None, metadata=at_least(1))  # partition: most classes in a subset; null: ceil(3 C / M)
+    subset_size: int | None = field(default=None, metadata=at_least(1))  # overlapping: classes in every subset; null: ceil(1.5 C / M)
     inputs: Literal["probs", "logits"] = "probs"  # held-out probabilities, or logits centred per example
     statistic: Literal["covariance", "correlation"] = "correlation"
     diagonal: Literal["keep", "zero"] = "keep"
     normalise: Literal["unit", "none"] = "unit"  # scale each column to unit length before K-means
-    pca_components: int | None = None  # project the columns on this many principal components before K-means
+    pca_components: int | None = field(default=None, metadata=at_least(1))  # project the columns on this many principal components before K-means
     kmeans: Literal["full", "minibatch"] = "full"  # scikit-learn KMeans, or the on-line MiniBatchKMeans
-    n_init: int = 10  # K-means restarts (seeded by the run's seed)
-    batch_size: int = 1024  # minibatch only
-    random_draws: int = 10  # random subsets of the same sizes, the baseline of the confusion capture
+    n_init: int = field(default=10, metadata=at_least(1))  # K-means restarts (seeded by the run's seed)
+    batch_size: int = field(default=1024, metadata=at_least(1))  # minibatch only
+    random_draws: int = field(default=10, metadata=at_least(1))  # random subsets of the same sizes, the baseline of the confusion capture
 
 
 @dataclass
@@ -109,15 +131,15 @@ class SpecialistsConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16, warmup_epochs=0.2, augment="none"))
     head: Literal["dustbin", "full"] = "dustbin"  # full: the paper's §6.1, a softmax over all classes whose
     #   classes outside the subset learn the generalist's soft targets (its output seen as subset + dustbin)
-    in_subset_fraction: float = 0.5  # rho: the share of every batch drawn from the subset's own classes
+    in_subset_fraction: float = field(default=0.5, metadata=between(0, 1, low_open=True, high_open=True))  # rho: the share of every batch drawn from the subset's own classes
     dustbin_correction: Literal["prior", "none", "validation"] = "prior"  # the shift of the dustbin logit:
     #   the prior ratio's, none, or per specialist whichever of the two has the lower validation NLL
     freeze_trunk: bool = False  # train the head alone on the generalist's features
-    head_hidden: int = field(default=0, metadata={"neutral": 0})  # a hidden ReLU layer of this many units in each specialist's head, added to the
+    head_hidden: int = field(default=0, metadata={"neutral": 0, **at_least(0)})  # a hidden ReLU layer of this many units in each specialist's head, added to the
     #   linear head and starting with no effect; with freeze_trunk: capacity of its own on a shared trunk
-    width: int | None = None  # the specialists' net width (null: the generalist's); wider ones start as the
+    width: int | None = field(default=None, metadata=at_least(1))  # the specialists' net width (null: the generalist's); wider ones start as the
     #   generalist widened, their new units with no effect on the output until trained
-    skip_largest: int = 0  # give the largest subsets (K-means' "rarely confused" catch-all) no specialist
+    skip_largest: int = field(default=0, metadata=at_least(0))  # give the largest subsets (K-means' "rarely confused" catch-all) no specialist
     select_on_validation: bool = True  # keep the trained weights only if they beat the start (the generalist's
     #   own) in conditional top-1 on the subset's validation examples; else the specialist stays at its start
     subsets: str | None = None  # a YAML file of subsets (lists of class names or ids) to use instead of the cluster's
@@ -143,7 +165,8 @@ def specialist_net_config(cfg: "Config") -> NetConfig:
 class CombineConfig:
     """Stage 5, combiner: how the generalist and the specialists are combined, and evaluated on the test set."""
 
-    top_n: list[int] = field(default_factory=lambda: [1, 2, 5])  # the first is the ensemble's; all are evaluated
+    top_n: list[int] = field(default_factory=lambda: [1, 2, 5], metadata={"valid": (
+        lambda v: len(v) > 0 and all(n >= 1 for n in v), "a non-empty list of integers >= 1")})  # the first is the ensemble's; all are evaluated
     method: Literal["fixed_point", "gradient", "within_subset", "auto"] = "within_subset"  # the paper's KL
     #   objective (solved by EM, or by gradient descent as in the paper), or the within-subset rule, which trusts
     #   the generalist for which subset and the specialist for which class inside it (see combiner.solver);
@@ -157,9 +180,9 @@ class DistillBackConfig:
 
     net: NetConfig | None = None  # the student; null: the generalist's architecture
     init: Literal["generalist", "scratch"] = "generalist"  # start from the generalist's weights (same net only)
-    temperature: float = 2.0
-    alpha: float = 0.9  # the soft term's weight; 1 - alpha goes to the hard labels
-    augmented_copies: int = 0  # more transfer inputs, unlabelled: the training images under random affine maps
+    temperature: float = field(default=2.0, metadata=above(0))
+    alpha: float = field(default=0.9, metadata=between(0, 1))  # the soft term's weight; 1 - alpha goes to the hard labels
+    augmented_copies: int = field(default=0, metadata=at_least(0))  # more transfer inputs, unlabelled: the training images under random affine maps
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=5e-4, warmup_epochs=0.2,
                                                                    augment="none"))  # q* is of the clean images
     control: bool = True  # also train the same student on the generalist's soft targets alone (self-distillation)
@@ -171,9 +194,10 @@ class LaunchConfig:
 
     backend: Literal["inline", "ray"] = "ray"  # inline: one after another in this process
     address: str | None = None  # an existing Ray cluster; null: $RAY_ADDRESS if set, else start a local one
-    num_cpus: float = 1.0  # per task; torch in the task uses this many threads
-    num_gpus: float = 0.0  # per task; fractions let several tasks share a GPU
-    max_retries: int = 3  # how often a task whose worker died is started again (it resumes from its checkpoint)
+    num_cpus: float = field(default=1.0, metadata=at_least(0))  # per task; torch in the task uses this many threads
+    num_gpus: float = field(default=0.0, metadata={"valid": (lambda v: 0 <= v <= 1 or v == int(v),
+                                                             "in [0, 1] or a whole number")})  # per task; fractions let several tasks share a GPU
+    max_retries: int = field(default=3, metadata=at_least(0))  # how often a task whose worker died is started again (it resumes from its checkpoint)
 
 
 @dataclass
@@ -183,7 +207,8 @@ class Config:
     name: str = "default"  # the run lives in <runs_dir>/<name>
     runs_dir: str = "runs"
     seed: int = 0
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1, ...
+    device: str = field(default="auto", metadata={"valid": (
+        lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N")})
     data: DataConfig = field(default_factory=DataConfig)
     generalist: GeneralistConfig = field(default_factory=GeneralistConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -199,15 +224,20 @@ class Config:
 
 
 def read_yaml(path: str | Path, what: str, error: type[Exception] = ValueError) -> typing.Any:
-    """The YAML (or JSON) file at `path`, read with safe_load; a missing or malformed file is an
-    `error` that names it as `what` ("config file", "subsets file")."""
+    """The YAML (or JSON) file at `path`, read with safe_load; a missing, binary or malformed file is an
+    `error` that names it as `what` ("config file", "subsets file") in one line."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} {path} does not exist")
     try:
         return yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise error(f"{what} {path} is not a text file (YAML or JSON)") from None
     except yaml.YAMLError as e:
-        raise error(f"{what} {path} is not valid YAML or JSON: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{what} {path} is not valid YAML or JSON: {problem}{where}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -265,6 +295,10 @@ def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(_unknown_key(prefix + str(key), sorted(names)))
     kwargs = {k: _check(hints[k], v, prefix + k) for k, v in raw.items()}
+    for f in dataclasses.fields(cls):
+        valid, means = f.metadata.get("valid", (None, ""))
+        if valid is not None and kwargs.get(f.name) is not None and not valid(kwargs[f.name]):
+            raise ConfigError(f"config key '{prefix}{f.name}' must be {means}, got {kwargs[f.name]!r}")
     return cls(**kwargs)
 
 

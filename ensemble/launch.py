@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,10 @@ from tqdm.auto import tqdm
 from .config import LaunchConfig
 from .layout import CHECKPOINT, NetDir
 from .rundir import atomic_path, load_checkpoint
+
+
+class TasksFailed(RuntimeError):
+    """Some of the launcher's tasks failed; the message has one line for each."""
 
 
 class Job(Protocol):
@@ -129,9 +132,6 @@ def _init_on_loopback() -> None:
 def check_resources(nodes: list[dict], num_cpus: float, num_gpus: float) -> None:
     """Raise if no alive node of the cluster (`ray.nodes()`) has the CPUs and GPUs one task asks for:
     Ray would wait for such a node for ever."""
-    if num_cpus < 0 or num_gpus < 0 or (num_gpus > 1 and num_gpus != int(num_gpus)):
-        raise ValueError(f"launch.num_cpus and launch.num_gpus must be >= 0, and num_gpus a whole number "
-                         f"above 1; got {num_cpus} and {num_gpus}")
     alive = [n["Resources"] for n in nodes if n.get("Alive")]
     if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in alive):
         return
@@ -173,7 +173,7 @@ def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfi
                 try:
                     result = ray.get(ready[0])
                 except RayTaskError as e:  # the task itself raised: running it again would not help
-                    failures.append(f"{job.name}: {e}")
+                    failures.append(f"{job.name}: {one_line(e.cause or e)}")
                     bar.update()
                     continue
                 except RayError as e:  # its worker or node died: start it again from its last checkpoint
@@ -183,21 +183,21 @@ def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfi
                               f"({restarts[job.name]}/{launch.max_retries})", file=sys.stderr, flush=True)
                         pending[submit(job)] = job
                         continue
-                    failures.append(f"{job.name}: {type(e).__name__} {launch.max_retries + 1} times: {e}")
+                    failures.append(f"{job.name}: {type(e).__name__} {launch.max_retries + 1} times: {one_line(e)}")
                     bar.update()
                     continue
                 try:
                     on_done(job, result)
                 except Exception as e:  # writing its result failed
-                    failures.append(f"{job.name}: {''.join(traceback.format_exception_only(e)).strip()}")
+                    failures.append(f"{job.name}: {one_line(e)}")
                 bar.update()
     finally:
         for ref in pending:  # interrupted: stop the tasks still running; their checkpoints stay
             ray.cancel(ref, force=True)
         ray.kill(store)
     if failures:
-        raise RuntimeError(f"{len(failures)} of {len(jobs)} tasks failed (the others are saved):\n"
-                           + "\n".join(failures))
+        raise TasksFailed(f"{len(failures)} of {len(jobs)} tasks failed (the others are saved):\n"
+                          + "\n".join(failures))
     return {"transfer_seconds": transfer, "submitted": submitted, "restarts": restarts}
 
 
@@ -263,6 +263,13 @@ def set_up_process(threads: int | None = None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: its message's first line, with its type unless it is one a user causes."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    user_made = isinstance(error, (ValueError, FileNotFoundError, ConnectionError))
+    return message if user_made and message else f"{type(error).__name__}: {message}".rstrip(": ")
 
 
 def store_name(checkpoints: Path) -> str:

@@ -44,8 +44,6 @@ def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: in
     builders = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
     if cfg.name not in builders:
         raise ValueError(f"unknown net {cfg.name!r}; known: {sorted(builders)}")
-    if cfg.width < 1 or cfg.depth < 1 or not 0 <= cfg.dropout < 1:
-        raise ValueError(f"net needs width >= 1, depth >= 1 and dropout in [0, 1), got {cfg}")
     trunk, dim = builders[cfg.name](cfg, input_shape)
     return Net(trunk, nn.Linear(dim, num_classes), in_channels=input_shape[0])
 

@@ -49,7 +49,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("generalist", generalist.run, lambda c: (c.seed, c.generalist, data_fingerprint(c.data)),
           metric="test_top1"),
     Stage("cluster", cluster.run, lambda c: (c.seed, c.cluster, data_fingerprint(c.data)), after=("generalist",),
-          metric="confusion_capture"),
+          metric="confusion_capture", check=cluster.check),
     Stage("specialists", specialists.run, lambda c: (c.seed, c.generalist.net, c.specialists, _subsets_file(c),
                                                      data_fingerprint(c.data)),
           after=("generalist", "cluster"), metric="conditional_gain", check=specialists.check),

@@ -82,9 +82,10 @@ def check(cfg: Config) -> None:
     if width is not None and width < cfg.generalist.net.width:
         raise ValueError(f"specialists.width {width} is below the generalist's width {cfg.generalist.net.width}: "
                          "specialists start as the generalist, widened")
-    for key in ("skip_largest", "head_hidden"):
-        if getattr(cfg.specialists, key) < 0:
-            raise ValueError(f"specialists.{key} must be >= 0, got {getattr(cfg.specialists, key)}")
+    rho, batch = cfg.specialists.in_subset_fraction, cfg.specialists.train.batch_size
+    if not 0 < round(rho * batch) < batch:
+        raise ValueError(f"specialists.in_subset_fraction {rho} leaves no room for both subset and dustbin "
+                         f"examples in batches of specialists.train.batch_size {batch}")
 
 
 def skip_largest(subsets: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:

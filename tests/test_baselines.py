@@ -69,7 +69,8 @@ def test_specialists_also_pay_for_the_forward_passes_they_make(upstream, tmp_pat
     monkeypatch.setattr(heads, "predict_logits", counted)
     run_pipeline(cfg, only="specialists")
     general, special = training_examples(cfg.run_dir)
-    generalist, nets, _ = load_ensemble(cfg.run_dir, cfg)
+    ensemble = load_ensemble(cfg.run_dir, cfg)
+    generalist, nets = ensemble.generalist, ensemble.specialists
     base = multiply_adds(generalist, data.input_shape)
     k = len(nets)
     # each specialist: its start (a trunk pass over the dustbin's sample, or the plain generalist's soft

@@ -39,7 +39,8 @@ def test_combiner_runs_only_the_specialists_an_example_needs(trained):
     needed = list(seen)
 
     # the reference: every specialist on every example, then the functional core
-    generalist, specialists, subsets = load_ensemble(run, trained)
+    loaded = load_ensemble(run, trained)
+    generalist, specialists, subsets = loaded.generalist, loaded.specialists, loaded.subsets
     p_general = predict_logits(generalist, x, device=torch.device("cpu")).softmax(1)
     probs = [predict_logits(net, x, device=torch.device("cpu")).softmax(1) for net in specialists]
     expected = combine(p_general, probs, subsets, top_n=1, method=trained.combine.method)  # the run's combiner
@@ -222,3 +223,22 @@ def test_combiners_run_block_by_block_as_on_the_whole_test_set(monkeypatch):
                      lambda pg, ps: evaluate.average_combine(pg, ps, subsets, 1),
                      lambda pg, ps: evaluate.lowest_dustbin_combine(pg, ps, subsets, 1)):
         torch.testing.assert_close(evaluate._by_rows(combiner, p_general, probs), combiner(p_general, probs).float())
+
+
+def test_the_combiner_refuses_images_it_cannot_use_and_says_what_it_takes(trained):
+    """Issue 21: float or int64 images in 0..255, another image size, another channel count and a batch
+    without its channel axis were taken silently or failed inside torch."""
+    ensemble = Combiner.from_run(trained.run_dir)
+    x = load_data(trained.data).x_test[:8]  # uint8 (8, 1, 8, 8)
+    good = ensemble.predict_proba(x)
+    torch.testing.assert_close(ensemble.predict_proba(x.float() / 255), good)
+    bad = {
+        r"float images must lie in \[0, 1\], got values in \[0, 255\]": x.float(),
+        "images must be uint8 .* got torch.int64": x.long(),
+        r"trained on images of shape \(N, 1, 8, 8\) .* got \(8, 1, 16, 16\)": x.repeat(1, 1, 2, 2),
+        r"trained on images of shape \(N, 1, 8, 8\) .* got \(8, 3, 8, 8\)": x.repeat(1, 3, 1, 1),
+        r"must be a batch \(N, 1, 8, 8\) \(channels first\), got shape \(8, 8, 8\)": x[:, 0],
+    }
+    for message, images in bad.items():
+        with pytest.raises(ValueError, match=message):
+            ensemble.predict_proba(images)

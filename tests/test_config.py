@@ -97,3 +97,48 @@ def test_a_baseline_named_twice_is_refused_before_any_stage_runs():
 
     with pytest.raises(ValueError, match="must be distinct"):
         check(load_config(None, ["baselines.budgets=[compute, compute]"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generalist.train.epochs=0", "'generalist.train.epochs' must be >= 1, got 0"),
+    ("distill_back.train.epochs=-2", "'distill_back.train.epochs' must be >= 1, got -2"),
+    ("specialists.in_subset_fraction=1.5", r"'specialists.in_subset_fraction' must be in \(0, 1\), got 1.5"),
+    ("combine.top_n=[]", "'combine.top_n' must be a non-empty list of integers >= 1, got \\[\\]"),
+    ("combine.top_n=[1, 0]", "'combine.top_n' must be a non-empty list of integers >= 1"),
+    ("cluster.num_subsets=0", "'cluster.num_subsets' must be >= 1, got 0"),
+    ("device=tpu", "'device' must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("data.val_fraction=1", r"'data.val_fraction' must be in \(0, 1\)"),
+    ("launch.max_retries=-1", "'launch.max_retries' must be >= 0"),
+])
+def test_every_range_is_checked_when_the_config_is_read(override, message):
+    """Issue 21: these failed late (after stages had trained) or with a traceback."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.min_size=10", "cluster.max_size=5"], "cluster.min_size 10 is above cluster.max_size 5"),
+    (["specialists.in_subset_fraction=0.001"], "leaves no room for both subset and dustbin examples"),
+])
+def test_settings_that_depend_on_each_other_fail_before_any_stage_runs(tmp_path, overrides, message):
+    from ensemble.pipeline import run_pipeline
+
+    with pytest.raises(ValueError, match=message):
+        run_pipeline(load_config(None, [f"runs_dir={tmp_path}", *overrides]))
+    assert not (tmp_path / "default" / "generalist").exists()
+
+
+def test_the_cli_reports_errors_in_one_line_and_a_traceback_with_debug(tmp_path, capsys):
+    from ensemble.cli import main
+
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"\x00\xff\xfe")
+    assert main(["run", "--config", str(binary)]) == 2
+    assert capsys.readouterr().err == f"error: config file {binary} is not a text file (YAML or JSON)\n"
+    broken = tmp_path / "b.yaml"
+    broken.write_text("x: [\n")
+    assert main(["run", "--config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not valid YAML or JSON" in err and "line 2, column 1" in err
+    with pytest.raises(ConfigError):
+        main(["--debug", "run", "generalist.train.epochs=0"])

@@ -52,7 +52,7 @@ def test_npz_float_images_are_scaled(tmp_path):
     (dict(x_test=np.zeros((0, 6, 6), np.uint8), y_test=np.zeros(0, np.int64)), "the test split is empty"),
     (dict(x_train=np.full((40, 6, 6), np.nan, np.float32)), "x_train contains NaN"),
     (dict(x_train=np.zeros((40, 6, 6), np.int32)), "must be uint8 images"),
-    (dict(x_train=np.zeros((40, 36), np.uint8)), r"must be \(N, H, W\) or \(N, H, W, C\) images"),
+    (dict(x_train=np.zeros((40, 36), np.uint8)), r"must be \(N, H, W\), \(N, H, W, C\) or \(N, C, H, W\) images"),
     (dict(class_names=np.array(["a", "a", "c", "d"])), "class names are not unique"),
 ])
 def test_npz_bad_input(tmp_path, overrides, message):
@@ -144,3 +144,38 @@ def test_torchvision_backed_source_through_load_data(tmp_path):
     assert data.class_names == ["class0", "class1"]
     red = data.x_test[data.y_test == 0]
     assert (red[:, 0] == 255).all() and (red[:, 2] == 0).all()  # channels first, colours kept
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_npz_images_channels_last_or_first_are_read_right(tmp_path, layout):
+    """Issue 21: (N, C, H, W) images were read as (N, H, W, C)."""
+    rng = np.random.default_rng(1)
+    nchw = rng.integers(0, 256, (40, 3, 6, 5), dtype=np.uint8)  # 3 channels, 6 rows, 5 columns
+    stored = nchw if layout == "NCHW" else nchw.transpose(0, 2, 3, 1)
+    path = _write_npz(tmp_path / "d.npz", x_train=stored, x_test=stored[:12])
+    data = load_data(DataConfig(source="npz", path=str(path), val_fraction=0.25))
+    assert data.input_shape == (3, 6, 5)
+    assert torch.equal(data.x_test, torch.from_numpy(nchw[:12]))
+
+
+def test_npz_images_whose_channel_axis_is_ambiguous_need_data_layout(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (40, 3, 6, 3), dtype=np.uint8)  # 3 channels first, or 3 columns of RGB?
+    path = _write_npz(tmp_path / "d.npz", x_train=x, x_test=x[:12])
+    with pytest.raises(ValueError, match=r"cannot tell whether the channels .* set data.layout=NCHW or"):
+        load_data(DataConfig(source="npz", path=str(path), val_fraction=0.25))
+    assert load_data(DataConfig(source="npz", path=str(path), val_fraction=0.25, layout="NCHW")).input_shape == (3, 6, 3)
+    assert load_data(DataConfig(source="npz", path=str(path), val_fraction=0.25, layout="NHWC")).input_shape == (3, 3, 6)
+
+
+def test_classes_without_training_examples_are_an_error_or_a_counted_warning(tmp_path, capsys):
+    """Issue 21: a class seen only in the test set, and (with no class_names) a stray label that makes
+    classes with no example at all."""
+    test_only = _write_npz(tmp_path / "t.npz", y_train=np.arange(40) % 3)  # class d: test examples only
+    with pytest.raises(ValueError, match=r"1 classes have test examples \(3\) but no training example: d"):
+        load_data(DataConfig(source="npz", path=str(test_only), val_fraction=0.25))
+    stray = _write_npz(tmp_path / "s.npz", class_names=None, y_train=np.where(np.arange(40) == 0, 25, np.arange(40) % 4))
+    with pytest.raises(ValueError, match=r"21 of 26 classes have no example at all: 4, 5, 6, 7, 8 and 16 more"):
+        load_data(DataConfig(source="npz", path=str(stray), val_fraction=0.25))
+    data = load_data(DataConfig(source="npz", path=str(test_only), val_fraction=0.25, missing_classes="warn"))
+    assert data.num_classes == 4 and "warning: npz: 1 classes have test examples" in capsys.readouterr().err

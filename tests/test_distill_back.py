@@ -56,7 +56,8 @@ def test_report_counts_compute_and_the_baselines_get_it(distilled):
     control = examples(run / "distill_back" / "control" / "metrics.jsonl")
     assert student == control == 2 * (2 * n // 128 * 128)  # 2 epochs over the doubled transfer set
     # compute in examples at the generalist's cost: a specialist's weighted by its multiply-adds
-    generalist, nets, _ = load_ensemble(run, distilled)
+    ensemble = load_ensemble(run, distilled)
+    generalist, nets = ensemble.generalist, ensemble.specialists
     base = multiply_adds(generalist, data.input_shape)
     # forward passes at a third of a training step: the dustbin's sample through the generalist, the
     # validation set twice through the specialist
@@ -127,9 +128,9 @@ def test_the_control_learns_the_generalists_own_predictions(distilled):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("distill_back.temperature=0", "temperature must be > 0"),
-    ("distill_back.alpha=1.5", r"alpha .* must be in \[0, 1\]"),
-    ("distill_back.augmented_copies=-1", "augmented_copies must be >= 0"),
+    ("distill_back.temperature=0", "'distill_back.temperature' must be > 0"),
+    ("distill_back.alpha=1.5", r"'distill_back.alpha' must be in \[0, 1\]"),
+    ("distill_back.augmented_copies=-1", "'distill_back.augmented_copies' must be >= 0"),
     ("distill_back.net={name: mlp, width: 16}", "init=generalist needs the generalist's architecture"),
 ])
 def test_bad_settings_fail_before_any_stage_runs_and_lose_nothing(distilled, tmp_path, override, message):

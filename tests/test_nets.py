@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ensemble.config import NetConfig
+from ensemble.config import NetConfig, load_config
 from ensemble.nets import build_net, is_conv
 
 
@@ -35,5 +35,5 @@ def test_input_stats_normalise_and_are_saved():
 
 
 def test_bad_net_config():
-    with pytest.raises(ValueError, match="width >= 1"):
-        build_net(NetConfig("cnn", width=0), (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="'generalist.net.width' must be >= 1, got 0"):
+        load_config(None, ["generalist.net.width=0"])

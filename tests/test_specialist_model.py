@@ -281,7 +281,8 @@ def test_wider_specialists_train_and_load_as_the_ensemble(upstream, tmp_path):
 
     cfg = specialists_run(upstream, tmp_path, "specialists.width=96", "specialists.select_on_validation=false")
     run_pipeline(cfg, only="specialists")
-    generalist, nets, _ = load_ensemble(cfg.run_dir, cfg)
+    ensemble = load_ensemble(cfg.run_dir, cfg)
+    generalist, nets = ensemble.generalist, ensemble.specialists
     assert all(net.head.in_features == 96 for net in nets) and generalist.head.in_features == 64
     with pytest.raises(ValueError, match="below the generalist's width"):
         run_pipeline(specialists_run(upstream, tmp_path, "specialists.width=32", name="narrow"))
@@ -317,7 +318,8 @@ def test_specialists_with_their_own_head_on_a_shared_trunk_train_and_load_as_the
     cfg = specialists_run(upstream, tmp_path, "specialists.head_hidden=16", "specialists.freeze_trunk=true",
                           f"specialists.head={head}", "specialists.select_on_validation=false")
     run_pipeline(cfg, only="specialists")
-    generalist, nets, subsets = load_ensemble(cfg.run_dir, cfg)
+    ensemble = load_ensemble(cfg.run_dir, cfg)
+    generalist, nets, subsets = ensemble.generalist, ensemble.specialists, ensemble.subsets
     for net, subset in zip(nets, subsets):
         inner = net.net if isinstance(net, FullSoftmax) else net
         assert isinstance(inner.head, ResidualHead) and inner.head.hidden.out_features == 16
@@ -326,5 +328,5 @@ def test_specialists_with_their_own_head_on_a_shared_trunk_train_and_load_as_the
             torch.testing.assert_close(inner.trunk.state_dict()[key], value, rtol=0, atol=0)
     saved = load_tensors(cfg.run_dir / "specialists" / "m000" / "model.safetensors")
     assert {"head.hidden.weight", "head.out.weight"} <= set(saved)
-    with pytest.raises(ValueError, match="head_hidden must be >= 0"):
+    with pytest.raises(ValueError, match="'specialists.head_hidden' must be >= 0"):
         run_pipeline(specialists_run(upstream, tmp_path, "specialists.head_hidden=-1", name="negative"))

@@ -7,6 +7,7 @@ from conftest import specialists_run
 
 import specialists
 import specialists.stage
+from ensemble.config import load_config
 from ensemble.launch import CheckpointStore, check_resources
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, load_tensors
@@ -109,8 +110,8 @@ def test_resources_no_node_has_are_an_error():
         check_resources(nodes, 4, 0)
     with pytest.raises(ValueError, match="asks for 1 CPUs and 2 GPUs"):
         check_resources(nodes, 1, 2)
-    with pytest.raises(ValueError, match="whole number"):
-        check_resources(nodes, 1, 1.5)
+    with pytest.raises(ValueError, match="'launch.num_gpus' must be in \\[0, 1\\] or a whole number"):
+        load_config(None, ["launch.num_gpus=1.5"])
 
 
 def test_a_specialist_whose_weights_changed_is_trained_again_alone(upstream, tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ caches generated sets on disk, and carves a stratified, seeded validation split 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Data:
         return tuple(self.x_train.shape[1:])
 
 
+CHANNELS = (1, 3, 4)  # the channel counts `data.layout=auto` recognises: grey, RGB, RGBA
 _loaded: dict = {}  # the data set this process loaded last, and what identified it
 
 
@@ -66,9 +68,7 @@ def _stamp(path: str | None) -> tuple | None:
 
 def _load(cfg: DataConfig) -> Data:
     src = load_source(cfg)
-    validate_source(src, name=cfg.source)
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    validate_source(src, name=cfg.source, missing_classes=cfg.missing_classes)
     idx = np.arange(len(src.y_train))
     try:
         tr, va = train_test_split(
@@ -78,11 +78,11 @@ def _load(cfg: DataConfig) -> Data:
         raise ValueError(f"cannot carve a stratified validation split from {cfg.source}: {e}") from None
     tr, va = np.sort(tr), np.sort(va)
     return Data(
-        x_train=_images(src.x_train[tr]),
+        x_train=_images(src.x_train[tr], cfg.layout),
         y_train=_labels(src.y_train[tr]),
-        x_val=_images(src.x_train[va]),
+        x_val=_images(src.x_train[va], cfg.layout),
         y_val=_labels(src.y_train[va]),
-        x_test=_images(src.x_test),
+        x_test=_images(src.x_test, cfg.layout),
         y_test=_labels(src.y_test),
         class_names=list(src.class_names),
         class_groups=None if src.class_groups is None else torch.as_tensor(src.class_groups, dtype=torch.int64),
@@ -126,8 +126,9 @@ def data_fingerprint(cfg: DataConfig) -> str:
     return config_hash(cfg, content)
 
 
-def validate_source(src: Source, name: str = "data") -> None:
-    """Raise one clear ValueError for the first problem found in a source's arrays."""
+def validate_source(src: Source, name: str = "data", missing_classes: str = "error") -> None:
+    """Raise one clear ValueError for the first problem found in a source's arrays. A class with no
+    training example is an error, or with `missing_classes="warn"` a warning that counts them."""
     num_classes = len(src.class_names)
     if num_classes < 2:
         raise ValueError(f"{name}: needs at least 2 classes, got {num_classes}")
@@ -138,7 +139,8 @@ def validate_source(src: Source, name: str = "data") -> None:
         if len(x) == 0:
             raise ValueError(f"{name}: the {split} split is empty")
         if x.ndim not in (3, 4):
-            raise ValueError(f"{name}: x_{split} must be (N, H, W) or (N, H, W, C) images, got shape {x.shape}")
+            raise ValueError(f"{name}: x_{split} must be (N, H, W), (N, H, W, C) or (N, C, H, W) images, got "
+                             f"shape {x.shape}")
         if len(x) != len(y) or y.ndim != 1:
             raise ValueError(
                 f"{name}: x_{split} holds {len(x)} images but y_{split} has shape {y.shape}: they must match"
@@ -154,12 +156,40 @@ def validate_source(src: Source, name: str = "data") -> None:
             )
     if src.x_train.shape[1:] != src.x_test.shape[1:]:
         raise ValueError(f"{name}: train images are {src.x_train.shape[1:]} but test images {src.x_test.shape[1:]}")
+    _check_class_counts(src, name, missing_classes)
     if src.class_groups is not None:
         g = np.asarray(src.class_groups)
         if g.shape != (num_classes,) or not np.issubdtype(g.dtype, np.integer) or g.min() < 0:
             raise ValueError(f"{name}: class_groups must hold one non-negative group id per class")
         if src.group_names is not None and g.max() >= len(src.group_names):
             raise ValueError(f"{name}: class_groups names group {g.max()} but there are {len(src.group_names)} groups")
+
+
+def _check_class_counts(src: Source, name: str, missing_classes: str) -> None:
+    """Classes without a training example: those only in the test set (the model can never predict
+    them) and those nowhere (a stray label, such as 25 among 0..9, making 15 empty classes)."""
+    num_classes = len(src.class_names)
+    train = np.bincount(np.asarray(src.y_train), minlength=num_classes)
+    test = np.bincount(np.asarray(src.y_test), minlength=num_classes)
+    test_only, nowhere = np.flatnonzero((train == 0) & (test > 0)), np.flatnonzero((train == 0) & (test == 0))
+    problems = []
+    if len(test_only):
+        problems.append(f"{len(test_only)} classes have test examples ({int(test[test_only].sum())}) but no "
+                        f"training example: {_names(src, test_only)}")
+    if len(nowhere):
+        problems.append(f"{len(nowhere)} of {num_classes} classes have no example at all: {_names(src, nowhere)}"
+                        " (a stray label?)")
+    if not problems:
+        return
+    message = f"{name}: {'; '.join(problems)}"
+    if missing_classes == "error":
+        raise ValueError(f"{message}. Fix the labels, or set data.missing_classes=warn to train anyway")
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _names(src: Source, classes: np.ndarray) -> str:
+    shown = ", ".join(str(src.class_names[c]) for c in classes[:5])
+    return shown + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
 
 
 def cache_dir() -> Path:
@@ -196,9 +226,25 @@ def _need_path(cfg: DataConfig) -> str:
     return cfg.path
 
 
-def _images(x: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) -> (N, 1, H, W); (N, H, W, C) -> (N, C, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)))
+def _images(x: np.ndarray, layout: str = "auto") -> torch.Tensor:
+    """uint8 images -> (N, C, H, W): (N, H, W) gets one channel; 4-D arrays are (N, H, W, C) or
+    (N, C, H, W) as `layout` says (auto: the axis of size 1, 3 or 4 is the channels', an error where
+    both the second and the last could be)."""
+    if x.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(x[:, None]))
+    layout = _layout(x.shape) if layout == "auto" else layout
+    if layout == "NHW":
+        raise ValueError(f"data.layout is NHW but the images have shape {x.shape}: set data.layout=NHWC or NCHW")
+    return torch.from_numpy(np.ascontiguousarray(x if layout == "NCHW" else x.transpose(0, 3, 1, 2)))
+
+
+def _layout(shape: tuple[int, ...]) -> str:
+    """NHWC or NCHW for 4-D images of `shape`, from which axis can hold channels (1, 3 or 4)."""
+    first, last = shape[1] in CHANNELS, shape[3] in CHANNELS
+    if first == last:
+        raise ValueError(f"images of shape {shape}: cannot tell whether the channels are the second or the "
+                         "last axis; set data.layout=NCHW or data.layout=NHWC")
+    return "NCHW" if first else "NHWC"
 
 
 def _labels(y: np.ndarray) -> torch.Tensor:
