@@ -213,9 +213,9 @@ class CheckpointStore:
         self._progress: dict[str, dict] = {}
 
     def load(self, name: str) -> bytes | None:
-        """The task's last checkpoint, or None if it has none yet."""
+        """The task's last checkpoint, or None if it has none yet or it is corrupt (a warning names it)."""
         path = NetDir(self.folder / name).checkpoint
-        return path.read_bytes() if path.is_file() else None
+        return path.read_bytes() if load_checkpoint(path) is not None else None
 
     def save(self, name: str, checkpoint: bytes, epoch: int, pid: int) -> None:
         """Keep the checkpoint written after `epoch` by process `pid`, atomically."""
@@ -244,7 +244,7 @@ def task_folder(name: str, checkpoint: bytes | None, store: Store) -> Iterator[T
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CHECKPOINT
         resumed = 0
-        if checkpoint is not None:
+        if checkpoint is not None:  # the store checked it
             path.write_bytes(checkpoint)
             resumed = int(load_checkpoint(path)["epoch"])
 

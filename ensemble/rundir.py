@@ -93,15 +93,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint with `weights_only=True`: nothing in it can run code."""
+def load_checkpoint(path: Path) -> dict | None:
+    """A checkpoint loaded with `weights_only=True` (nothing in it can run code); None if there is none,
+    or, with a one-line warning naming it, if it is corrupt (a kill while it was written elsewhere, a
+    damaged disk): then what it would have resumed starts afresh."""
+    if not Path(path).is_file():
+        return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's own message suggests weights_only=False, which we never do
-        raise ValueError(
-            f"checkpoint {path} is corrupt or not ours ({type(e).__name__}); "
-            "delete it to restart this stage from scratch"
-        ) from None
+        print(f"warning: checkpoint {path} is corrupt or not ours ({type(e).__name__}): starting that training "
+              "afresh", file=sys.stderr, flush=True)
+        return None
 
 
 def save_trained(folder: NetDir, weights: dict[str, torch.Tensor], history: list[dict], metrics: dict) -> None:

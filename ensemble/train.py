@@ -249,9 +249,9 @@ def _rng_state(device: torch.device) -> dict:
 
 def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen) -> tuple[int, list[dict]]:
     """Restore everything from the checkpoint at `path` if it belongs to this training; else start at 0."""
-    if not path.exists():
-        return 0, []
     ckpt = load_checkpoint(path)
+    if ckpt is None:
+        return 0, []
     if ckpt.get("key") != key:
         print(f"{path} belongs to another training (config, seed or data differ): starting afresh", flush=True)
         return 0, []

@@ -115,3 +115,20 @@ def test_killed_worker_resumes_its_specialist(cluster, upstream, tmp_path):
     resumed = load_tensors(out / "m000" / "model.safetensors")
     inline = load_tensors(tmp_path / "inline" / "specialists" / "m000" / "model.safetensors")
     assert all(torch.equal(resumed[k], inline[k]) for k in inline)
+
+
+def test_a_task_that_raises_is_one_line_per_task_and_the_others_are_kept(cluster, tmp_path):
+    """Issue 21: an error inside a Ray task reached the terminal as the remote traceback."""
+    from ensemble.launch import TasksFailed
+
+    def task(job, checkpoint, store, device):
+        if job.name == "good":
+            return "kept"
+        raise ValueError(f"subset {job.name} holds no class")
+
+    kept = {}
+    with pytest.raises(TasksFailed) as failed:
+        run_tasks(task, [_Job("good"), _Job("bad")], (), LaunchConfig(backend="ray", num_cpus=1),
+                  lambda job, r: kept.update({job.name: r}), checkpoints=tmp_path, device=torch.device("cpu"))
+    assert str(failed.value) == "1 of 2 tasks failed (the others are saved):\nbad: subset bad holds no class"
+    assert kept == {"good": "kept"}

@@ -136,3 +136,25 @@ def test_a_specialist_whose_weights_changed_is_trained_again_alone(upstream, tmp
         assert {m: (out / m / "model.safetensors").read_bytes() for m in weights} == weights
         assert (tmp_path / "r" / "combiner" / "eval.json").read_text() == evaluation
         assert Manifest(tmp_path / "r").get("specialists")["status"] == "done"
+
+
+def test_a_corrupt_specialist_checkpoint_restarts_that_specialist_with_a_warning(upstream, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Issue 21: after a kill, a damaged checkpoint was an error naming a temporary file that did not exist."""
+    cfg = specialists_run(upstream, tmp_path)
+    save = CheckpointStore.save
+
+    def interrupted_save(self, name, checkpoint, epoch, pid):  # killed after m000's first epoch
+        save(self, name, checkpoint, epoch, pid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CheckpointStore, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    checkpoint = tmp_path / "r" / "specialists" / "m000" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:50])  # the write cut short
+    monkeypatch.setattr(CheckpointStore, "save", save)
+    run_pipeline(cfg)
+    assert f"warning: checkpoint {checkpoint} is corrupt or not ours" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "r" / "specialists" / "m000" / "metrics.json").read_text())
+    assert metrics["provenance"]["resumed_from_epoch"] == 0

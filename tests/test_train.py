@@ -81,11 +81,16 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path, capsys):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+def test_a_corrupt_checkpoint_restarts_the_training_with_a_warning_naming_it(tmp_path, capsys):
+    """Issue 21: it was an error that asked the user to delete the file."""
     x, y = _problem()
+    fresh = _net()
+    fit(fresh, x, y, CFG, tmp_path / "fresh", seed=0, device=CPU)
     (tmp_path / CHECKPOINT).write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="corrupt or not ours.*delete it"):
-        fit(_net(), x, y, CFG, tmp_path, seed=0, device=CPU)
+    net = _net()
+    fit(net, x, y, CFG, tmp_path, seed=0, device=CPU)
+    assert f"warning: checkpoint {tmp_path / CHECKPOINT} is corrupt or not ours" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(_weights(net).values(), _weights(fresh).values()))
 
 
 def test_soft_targets_and_custom_loss(tmp_path):
