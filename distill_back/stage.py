@@ -9,6 +9,7 @@ share of the ensemble's gain the student and the control keep, what each system 
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,12 +17,13 @@ import torch
 
 from baselines import baseline_rows, load_baseline, training_compute
 from combiner import Combiner, active_specialists, beats_generalist, combine_method, load_ensemble
-from ensemble.config import Config
+from ensemble.config import Config, config_hash
 from ensemble.cost import multiply_adds, parameters, timed_predictions
-from ensemble.data import Data, load_data
+from ensemble.data import Data, data_fingerprint, load_data
 from ensemble.layout import NetDir, RunDir
 from ensemble.nets import Net, build_net, load_net
-from ensemble.rundir import load_tensors, read_json, save_tensors, write_json, write_text
+from ensemble.rundir import (file_hash, load_tensors, read_json, save_tensors, tensors_metadata, write_json,
+                             write_text)
 from ensemble.train import fit, predict_logits, resolve_device
 
 from .loss import distillation_loss
@@ -39,24 +41,28 @@ def run(run_dir: Path, cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     ensemble = load_ensemble(run_dir, cfg)
     generalist = ensemble.generalist
+    method = combine_method(run_dir, cfg)
     combiner = Combiner(generalist, ensemble.specialists, ensemble.subsets, top_n=cfg.combine.top_n[0],
-                        method=combine_method(run_dir, cfg), device=device, input_shape=ensemble.input_shape)
+                        method=method, device=device, input_shape=ensemble.input_shape)
     batch = dcfg.train.eval_batch_size
 
     def generalist_proba(xb: torch.Tensor) -> torch.Tensor:
         return predict_logits(generalist, xb, device=device, batch_size=batch).double().softmax(dim=1)
 
-    teachers = {"student": (combiner.predict_proba, paths.student)}
+    specialist_weights = [paths.specialist(m).weights for m in range(len(ensemble.subsets))]
+    teachers = {"student": (combiner.predict_proba, paths.student,
+                            _soft_targets_key(cfg, [paths.generalist.weights, *specialist_weights], method))}
     if dcfg.control:  # self-distillation: tells the ensemble's knowledge from the effect of distillation itself
-        teachers["self-distilled (control)"] = (generalist_proba, paths.control)
+        teachers["self-distilled (control)"] = (generalist_proba, paths.control,
+                                                _soft_targets_key(cfg, [paths.generalist.weights], "generalist"))
     # training compute in epochs at the generalist's cost per example; a teacher's counts for its student
     general, special = training_compute(run_dir, cfg, data)
     n = len(data.x_train)
     models = {"generalist": (generalist, general / n), "ensemble": (combiner, (general + sum(special)) / n)}
     base = multiply_adds(generalist, data.input_shape)
     histories = {}
-    for name, (predict_proba, folder) in teachers.items():
-        student, history = train_student(cfg, data, generalist, predict_proba, folder, device, name)
+    for name, (predict_proba, folder, key) in teachers.items():
+        student, history = train_student(cfg, data, generalist, predict_proba, key, folder, device, name)
         teacher = general + (sum(special) if name == "student" else 0)
         own = sum(r["examples"] for r in history) * multiply_adds(student, data.input_shape) / base
         models[name] = (student, (teacher + own) / n)
@@ -78,15 +84,14 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 
 def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Callable[[torch.Tensor], torch.Tensor],
-                  folder: NetDir, device: torch.device, desc: str) -> tuple[Net, list[dict]]:
+                  key: str, folder: NetDir, device: torch.device, desc: str) -> tuple[Net, list[dict]]:
     """A student trained in `folder` on the soft targets of `predict_proba` (computed once, kept in
-    `soft_targets.safetensors` for a resumed run) and the hard labels; its weights go to
+    `soft_targets.safetensors` under `key` for a resumed run) and the hard labels; its weights go to
     `model.safetensors`."""
     dcfg = cfg.distill_back
     student = make_student(cfg, data, generalist)
     x, labels = transfer_set(data, dcfg.augmented_copies, cfg.seed)
-    teacher = _cached_soft_targets(folder.soft_targets, predict_proba, x, labels,
-                                   dcfg.train.eval_batch_size)
+    teacher = _cached_soft_targets(folder.soft_targets, key, predict_proba, x, dcfg.train.eval_batch_size)
     print(f"distill_back: {desc}, {parameters(student):,} parameters ({dcfg.init} start), transfer set "
           f"{len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, alpha={dcfg.alpha}",
           flush=True)
@@ -134,17 +139,27 @@ def report_markdown(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cached_soft_targets(path: Path, predict_proba: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                         labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _cached_soft_targets(path: Path, key: str, predict_proba: Callable[[torch.Tensor], torch.Tensor],
+                         x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The teacher's log q on the transfer set, from `path` if an earlier (interrupted) run of this stage
-    wrote it."""
+    wrote it for the same teacher and transfer set (`key`); recomputed, with a warning, where it is
+    unreadable."""
     if path.is_file():
-        cached = load_tensors(path)
-        if torch.equal(cached["labels"], labels):
-            return cached["log_q"]
+        try:
+            if tensors_metadata(path).get("key") == key:
+                return load_tensors(path)["log_q"]
+        except ValueError as e:
+            print(f"warning: {e}: computing the soft targets again", file=sys.stderr, flush=True)
     teacher = soft_targets(predict_proba, x, batch_size)
-    save_tensors(path, {"log_q": teacher, "labels": labels})
+    save_tensors(path, {"log_q": teacher}, metadata={"key": key})
     return teacher
+
+
+def _soft_targets_key(cfg: Config, weights: list[Path], method: str) -> str:
+    """What a teacher's soft targets depend on: the weights of the nets that make them (content hashes),
+    how they are combined, the transfer set."""
+    return config_hash([file_hash(w) for w in weights], cfg.combine.top_n[0], method, cfg.seed,
+                       cfg.distill_back.augmented_copies, data_fingerprint(cfg.data))
 
 
 def _seconds(history: list[dict]) -> float:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .layout import CHECKPOINT, NetDir, RunDir
@@ -64,16 +65,26 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """A JSON file; a ValueError naming it if it is not valid JSON."""
     try:
         return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete it to start that part afresh") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save tensors as safetensors, atomically."""
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors (with string `metadata` in its header, if given), atomically."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def tensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header; a ValueError for an unreadable file."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
