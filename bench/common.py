@@ -15,6 +15,7 @@ import torch
 
 from ensemble.config import Config, load_config
 from ensemble.layout import RunDir
+from ensemble.rundir import Manifest
 
 RESULTS = Path(__file__).parent / "results"
 T = TypeVar("T")
@@ -55,7 +56,7 @@ def finished_run(source: str) -> Path:
 
 def stage_hash(run_dir: Path, stage: str) -> str:
     """A hash of what a run's stage wrote (its recorded output hashes): equal for runs that share it."""
-    outputs = json.loads(RunDir(run_dir).manifest.read_text())["stages"][stage]["outputs"]
+    outputs = Manifest(run_dir).get(stage)["outputs"]
     return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -12,7 +12,8 @@
       distill_back/  soft_targets.safetensors  model.safetensors  metrics.jsonl  checkpoint.pt
                      control/ (the same)  report.json  report.md  distill_back.png
 
-A folder that holds one trained net is a `NetDir`. Stages take the run directory as a `Path` and read it
+Each stage's folder also keeps `.stage.json`, its own copy of its manifest entry (from which an unreadable
+manifest is rebuilt). A folder that holds one trained net is a `NetDir`. Stages take the run directory as a `Path` and read it
 through `RunDir`.
 """
 from __future__ import annotations
@@ -79,6 +80,11 @@ class RunDir:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    def stage_record(self, name: str) -> Path:
+        """A stage's own copy of its manifest entry, from which a damaged manifest is rebuilt (a dot file:
+        not an output)."""
+        return self.stage(name) / ".stage.json"
 
     @property
     def config(self) -> Path:

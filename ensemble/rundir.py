@@ -21,7 +21,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .layout import CHECKPOINT, NetDir, RunDir
+from .layout import CHECKPOINT, STAGE_NAMES, NetDir, RunDir
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -164,21 +164,44 @@ def output_hashes(stage_dir: Path) -> dict[str, str]:
 
 
 class Manifest:
-    """manifest.json: per stage its status, fingerprint, outputs with hashes, seed and timings."""
+    """manifest.json: per stage its status, fingerprint, outputs with hashes, seed and timings. Each stage
+    keeps a copy of its entry in its own folder, so that a manifest that cannot be read is rebuilt from
+    them (and the outputs are verified against them as ever) instead of every stage being redone."""
 
     def __init__(self, run_dir: Path):
-        self.path = RunDir(run_dir).manifest
-        self.stages: dict[str, dict] = read_json(self.path)["stages"] if self.path.exists() else {}
+        self.paths = RunDir(run_dir)
+        self.path = self.paths.manifest
+        self.stages: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                self.stages = read_json(self.path)["stages"]
+            except (ValueError, KeyError, TypeError) as e:
+                self.stages = self._rebuilt()
+                write_json(self.path, {"stages": self.stages})
+                print(f"warning: {self.path} is unreadable ({type(e).__name__}): rebuilt from the stages' own "
+                      f"records ({', '.join(self.stages) or 'none found'}); the rest will be redone",
+                      file=sys.stderr, flush=True)
 
     def get(self, stage: str) -> dict:
         return self.stages.get(stage, {})
 
     def set(self, stage: str, **entry: Any) -> None:
         self.stages[stage] = entry
+        write_json(self.paths.stage_record(stage), entry)
         write_json(self.path, {"stages": self.stages})
 
     def update(self, stage: str, **fields: Any) -> None:
         self.set(stage, **{**self.get(stage), **fields})
+
+    def _rebuilt(self) -> dict[str, dict]:
+        """The entries of the stages whose folder holds a readable record."""
+        entries = {}
+        for name in STAGE_NAMES:
+            try:
+                entries[name] = read_json(self.paths.stage_record(name))
+            except (OSError, ValueError):
+                continue
+        return entries
 
 
 def write_run_files(run_dir: Path, config: dict) -> None:

@@ -157,3 +157,20 @@ def test_status_tells_a_running_stage_from_one_whose_process_died(tmp_path, caps
     assert "generalist    running" in capsys.readouterr().out
     run_pipeline(_cfg(tmp_path))  # a died stage resumes like an interrupted one
     assert Manifest(tmp_path / "r").get("generalist")["status"] == "done"
+
+
+def test_a_damaged_manifest_is_rebuilt_from_the_stages_records_and_nothing_is_redone(tmp_path, capsys):
+    """Issue 21: a corrupt manifest.json came with the advice to delete it, which threw every stage away."""
+    cfg = _cfg(tmp_path)
+    run_pipeline(cfg)
+    before = {s.name: _mtimes(tmp_path / "r" / s.name) for s in STAGES}
+    manifest = tmp_path / "r" / "manifest.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text(manifest.read_text()[:100])  # cut short
+    capsys.readouterr()
+    run_pipeline(cfg)
+    out, err = capsys.readouterr()
+    assert "is unreadable (ValueError): rebuilt from the stages' own records" in err
+    assert out.count("done already") == len(STAGES)
+    assert {s.name: _mtimes(tmp_path / "r" / s.name) for s in STAGES} == before
+    assert json.loads(manifest.read_text()) == good
