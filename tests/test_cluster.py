@@ -208,7 +208,7 @@ def test_stage_writes_subsets_skips_when_done_and_reruns_alone_when_its_config_c
     summary = run_pipeline(_cfg(tmp_path))["cluster"]
     folder = tmp_path / "r" / "cluster"
     assert {p.name for p in folder.iterdir()} == {"subsets.json", "covariance.safetensors", "report.json",
-                                                  "covariance.png", "coverage.png"}
+                                                  "covariance.png", "coverage.png", ".stage.json"}
     subsets = json.loads((folder / "subsets.json").read_text())
     classes = [c for s in subsets["subsets"] for c in s["classes"]]
     assert len(subsets["subsets"]) == 5 and sorted(classes) == list(range(40)) and subsets["uncovered"] == []
