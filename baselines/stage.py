@@ -32,7 +32,7 @@ from ensemble.launch import Store, run_tasks, task_folder
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
 from ensemble.nets import build_net, load_net
-from ensemble.rundir import read_json, save_tensors, save_trained, trained_metrics, write_json
+from ensemble.rundir import read_json, read_trained, save_tensors, save_trained, trained_metrics, write_json
 from ensemble.train import predict_logits, resolve_device
 from generalist import train_generalist
 from specialists import load_specialists, make_head
@@ -61,7 +61,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     started = time.time()
     run_tasks(train_baseline, todo, (data, cfg), cfg.launch, lambda job, row: _save(paths, job, row),
               checkpoints=paths.stage("baselines"), device=resolve_device(cfg.device), desc="baselines")
-    rows = [{**_metrics(paths, job), "budget_epochs": epochs[job.name]} for job in jobs]
+    rows = [{**read_trained(paths.baseline(job.name)), "budget_epochs": epochs[job.name]} for job in jobs]
     for row in rows:
         print(f"{row['system']}: {row['epochs']} epochs, test top-1 {row['test_top1']:.4f}", flush=True)
     write_json(paths.baselines_report, {"budget_epochs": epochs, "baselines": rows,
@@ -92,11 +92,6 @@ def _save(paths: RunDir, job: Budget, result: dict) -> None:
     folder = paths.baseline(job.name)
     save_tensors(folder.predictions, {"test_pred": result["test_pred"]})
     save_trained(folder, result["weights"], result["history"], result["metrics"])
-
-
-def _metrics(paths: RunDir, job: Budget) -> dict:
-    metrics = read_json(paths.baseline(job.name).metrics)
-    return {k: v for k, v in metrics.items() if k != "weights_sha256"}
 
 
 def check(cfg: Config) -> None:

@@ -382,7 +382,7 @@ def _prepare(p_general: Tensor, specialist_probs: Sequence[Tensor],
     inside = torch.cat([p_general.new_zeros(0, num_examples), *(p[:, :-1].t() for p in probs)])
     inside *= active.index_select(0, owner)
     dustbin = torch.stack([p[:, -1] for p in probs]) * active if probs else p_general.new_zeros(0, num_examples)
-    general = p_general.t().contiguous()
+    general = p_general.t().clone(memory_format=torch.contiguous_format)  # a copy even for one example: solved in place
     cell, outside = _cells(index, owner, num_classes, len(ids), p_general)
     k, num_active = general.index_add(0, index, inside), active.sum(0)
     weights = _Weights(k=k, dustbin=dustbin, num_active=num_active, cell=cell, outside=outside)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config, run_config
-from .launch import TasksFailed, one_line
+from .launch import USER_ERRORS, TasksFailed, one_line
 from .pipeline import STAGES, run_pipeline, stage_named, state
 from .rundir import Manifest
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def _message(error: Exception) -> str:
     """What the user reads of an error: its message for the errors a user causes (bad settings, files,
     data, a failed task: one line each), else its type and first line and where to see more."""
-    if isinstance(error, (ValueError, FileNotFoundError, ConnectionError, TasksFailed)):
+    if isinstance(error, (*USER_ERRORS, TasksFailed)):
         return str(error)
     return f"{one_line(error)} (unexpected: rerun with --debug for the traceback)"
 

@@ -265,10 +265,13 @@ def set_up_process(threads: int | None = None) -> None:
     torch.set_flush_denormal(True)
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)  # bad settings, files, data, an unreachable cluster
+
+
 def one_line(error: BaseException) -> str:
     """An error as one line: its message's first line, with its type unless it is one a user causes."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    user_made = isinstance(error, (ValueError, FileNotFoundError, ConnectionError))
+    user_made = isinstance(error, USER_ERRORS)
     return message if user_made and message else f"{type(error).__name__}: {message}".rstrip(": ")
 
 

@@ -27,6 +27,7 @@ import generalist
 import specialists
 
 from .config import Config, config_hash, to_dict
+from .data import check as check_data
 from .data import data_fingerprint
 from .launch import held_sessions, set_up_process
 from .layout import STAGE_NAMES, RunDir
@@ -85,13 +86,14 @@ def stage_named(name: str) -> Stage:
 def run_pipeline(cfg: Config, only: str | None = None) -> dict[str, dict]:
     """Run every stage (or only the one named), skipping those already done. Returns their summaries."""
     set_up_process()
+    stages = STAGES if only is None else (stage_named(only),)
+    check_data(cfg.data)  # bad settings stop the run before it writes anything
+    for stage in stages:
+        stage.check(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_files(run_dir, to_dict(cfg))
     manifest = Manifest(run_dir)
-    stages = STAGES if only is None else (stage_named(only),)
-    for stage in stages:
-        stage.check(cfg)
     summaries = {}
     with held_sessions():  # the stages that use Ray share one cluster
         for stage in stages:

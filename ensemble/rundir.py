@@ -145,6 +145,11 @@ def trained_metrics(folder: NetDir, what: str) -> dict | None:
     return metrics
 
 
+def read_trained(folder: NetDir) -> dict:
+    """The metrics `save_trained` recorded for the net in `folder`, without the weights' hash."""
+    return {k: v for k, v in read_json(folder.metrics).items() if k != "weights_sha256"}
+
+
 def file_hash(path: Path) -> str:
     """sha256 of a file's content."""
     h = hashlib.sha256()

@@ -15,6 +15,16 @@ def local_labels(y: torch.Tensor, subset: torch.Tensor, num_classes: int) -> tor
     return lookup[y]
 
 
+def in_subset_count(rho: float, batch_size: int) -> int:
+    """round(rho * batch_size), the subset's examples in each batch; a ValueError naming the settings
+    unless it leaves room for both subset and dustbin examples."""
+    k_in = round(rho * batch_size)
+    if not 0 < k_in < batch_size:
+        raise ValueError(f"specialists.in_subset_fraction {rho} leaves no room for both subset and dustbin "
+                         f"examples in batches of specialists.train.batch_size {batch_size}")
+    return k_in
+
+
 def subset_sampler(in_subset: torch.Tensor, batch_size: int, rho: float) -> Callable[[torch.Generator], torch.Tensor]:
     """A sampler for `fit`: every batch holds round(rho * batch_size) examples of the subset and the rest
     from outside it. An epoch passes once over the subset's examples in random order (wrapping round
@@ -22,10 +32,7 @@ def subset_sampler(in_subset: torch.Tensor, batch_size: int, rho: float) -> Call
     outside pool lasts."""
     inside = in_subset.nonzero()[:, 0]
     outside = (~in_subset).nonzero()[:, 0]
-    k_in = round(rho * batch_size)
-    if not 0 < k_in < batch_size:
-        raise ValueError(f"in_subset_fraction {rho} leaves no room for both subset and dustbin examples "
-                         f"in batches of {batch_size}")
+    k_in = in_subset_count(rho, batch_size)
     if len(inside) == 0 or len(outside) == 0:
         raise ValueError(f"a specialist needs examples inside and outside its subset; it has {len(inside)} "
                          f"inside and {len(outside)} outside")

@@ -21,11 +21,12 @@ from ensemble.launch import run_tasks
 from ensemble.layout import NetDir, RunDir
 from ensemble.metrics import conditional_top1
 from ensemble.nets import load_net
-from ensemble.rundir import load_tensors, read_json, save_trained, trained_metrics, write_json
+from ensemble.rundir import load_tensors, read_json, read_trained, save_trained, trained_metrics, write_json
 from ensemble.train import resolve_device
 
 from .heads import make_head
 from .plots import plot_specialists
+from .sampling import in_subset_count
 from .subsets import load_subsets, subsets_path
 from .task import Job, Trained, train_specialist
 
@@ -58,7 +59,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     launch["wall_seconds"] = time.time() - started
 
     test = load_tensors(paths.generalist.predictions)
-    rows = [_row(job, read_json(paths.specialist(job.index).metrics), test["test_probs"], test["test_labels"])
+    rows = [_row(job, read_trained(paths.specialist(job.index)), test["test_probs"], test["test_labels"])
             for job in jobs]
     summary = {**_summary(rows), "restarts": launch.get("restarts", {})}
     trained = [r for r in rows if r["specialist"] in {job.name for job in todo}]
@@ -82,10 +83,7 @@ def check(cfg: Config) -> None:
     if width is not None and width < cfg.generalist.net.width:
         raise ValueError(f"specialists.width {width} is below the generalist's width {cfg.generalist.net.width}: "
                          "specialists start as the generalist, widened")
-    rho, batch = cfg.specialists.in_subset_fraction, cfg.specialists.train.batch_size
-    if not 0 < round(rho * batch) < batch:
-        raise ValueError(f"specialists.in_subset_fraction {rho} leaves no room for both subset and dustbin "
-                         f"examples in batches of specialists.train.batch_size {batch}")
+    in_subset_count(cfg.specialists.in_subset_fraction, cfg.specialists.train.batch_size)
 
 
 def skip_largest(subsets: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -135,7 +133,7 @@ def _row(job: Job, recorded: dict, probs: torch.Tensor, labels: torch.Tensor) ->
     """A specialist's line in the report: its metrics and provenance, and the generalist's conditional
     top-1 on the same subset."""
     general = conditional_top1(probs, labels, [torch.tensor(job.classes)])
-    metrics = {k: v for k, v in recorded.items() if k not in ("provenance", "weights_sha256")}
+    metrics = {k: v for k, v in recorded.items() if k != "provenance"}
     return {"specialist": job.name, **metrics, **recorded["provenance"], "generalist_conditional_top1": general,
             "conditional_gain": metrics["conditional_top1"] - general}
 

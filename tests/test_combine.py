@@ -340,3 +340,16 @@ def test_extrapolations_leaving_the_simplex_fall_back_toward_the_double_em_step(
     used = torch.tensor([5.0, 10.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(q, q2 + used**2 * back - used * (used + 2) * step, rtol=0, atol=1e-15)
     assert torch.equal(q[:, 2], q2[:, 2]) and (q[:3] > 0).all() and torch.equal(q[3], q2[3])
+
+
+@pytest.mark.parametrize("examples", [1, 3])
+def test_combine_leaves_its_inputs_as_they_were(examples):
+    """The fixed point solves in place in its own copy of p^g: with one example the transposed p^g was
+    already contiguous, so it was solved in the caller's tensor (the evaluation stage's last row of a
+    test set of ROWS·k + 1 examples)."""
+    gen = torch.Generator().manual_seed(0)
+    p_general = torch.softmax(torch.randn(examples, 6, generator=gen, dtype=torch.float64), 1)
+    probs = [torch.softmax(torch.randn(examples, n + 1, generator=gen, dtype=torch.float64), 1) for n in (3, 2)]
+    inputs = [p_general.clone(), *(p.clone() for p in probs)]
+    combine(p_general, probs, [[0, 1, 2], [2, 3]], top_n=None)
+    assert all(torch.equal(a, b) for a, b in zip([p_general, *probs], inputs))

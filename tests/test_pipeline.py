@@ -174,3 +174,11 @@ def test_a_damaged_manifest_is_rebuilt_from_the_stages_records_and_nothing_is_re
     assert out.count("done already") == len(STAGES)
     assert {s.name: _mtimes(tmp_path / "r" / s.name) for s in STAGES} == before
     assert json.loads(manifest.read_text()) == good
+
+
+def test_a_missing_data_file_stops_the_run_before_it_writes_anything(tmp_path):
+    """Checked before any stage runs: the run directory of a run with a missing npz is not created."""
+    cfg = _cfg(tmp_path, "data.source=npz", f"data.path={tmp_path / 'nope.npz'}")
+    with pytest.raises(FileNotFoundError, match=r"data.path .*nope.npz does not exist \(data.source=npz\)"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "r").exists()

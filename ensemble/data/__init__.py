@@ -215,6 +215,15 @@ def _cached(cfg: DataConfig, make) -> Source:
     return src
 
 
+def check(cfg: DataConfig) -> None:
+    """What can be checked of the data before any stage runs: a source that reads a file or folder has
+    it (a torchvision-backed set only where it will not download)."""
+    reads = cfg.source in ("npz", "imagefolder") or (cfg.source in ("emnist", "omniglot", "cifar100")
+                                                     and cfg.path and not cfg.download)
+    if reads and not Path(_need_path(cfg)).exists():
+        raise FileNotFoundError(f"data.path {cfg.path} does not exist (data.source={cfg.source})")
+
+
 def _download_root(cfg: DataConfig) -> str:
     """Where a torchvision-backed set lies: `data.path`, or by default <cache>/<source>."""
     return cfg.path if cfg.path else str(cache_dir() / cfg.source)
