@@ -5,6 +5,10 @@ that the ensemble's gain is not just more training.
 - `wall_clock`: as much as the generalist and the longest specialist, the ensemble's training time when
   every specialist has a worker of its own.
 
+With an imported generalist (`generalist.checkpoint`) its own training compute is unknown, and the
+question is another: specialists, or more training? Each baseline is then that generalist trained on,
+with its recipe, for the specialists' compute (`compute`: all of theirs; `wall_clock`: the longest one's).
+
 The baselines are independent: the launcher trains them in parallel, as it does the specialists, each
 resuming from its last checkpoint; a baseline whose `metrics.json` exists is done.
 
@@ -32,21 +36,24 @@ from ensemble.launch import Store, run_tasks, task_folder
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
 from ensemble.nets import build_net, load_net
-from ensemble.rundir import read_json, read_trained, save_tensors, save_trained, trained_metrics, write_json
+from ensemble.rundir import load_tensors, read_json, read_trained, save_tensors, save_trained, trained_metrics, write_json
 from ensemble.train import predict_logits, resolve_device
 from generalist import train_generalist
 from specialists import load_specialists, make_head
 
 FORWARD_SHARE = 1 / 3  # a forward pass is about a third of a training step (backward costs twice forward)
 TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist"}
+TRAINED_ON = {"compute": "generalist trained on for the specialists' compute",
+              "wall_clock": "generalist trained on for the longest specialist's compute"}
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One baseline: the budget it matches and the epochs it trains for."""
+    """One baseline: the budget it matches, the epochs it trains for, and what it is called."""
 
     name: str
     epochs: int
+    title: str
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
@@ -56,10 +63,13 @@ def run(run_dir: Path, cfg: Config) -> dict:
     data = load_data(cfg.data)
     general, specialists = training_compute(run_dir, cfg, data)
     epochs = budgets(general, specialists, epoch_examples(cfg, data))
-    jobs = [Budget(name, math.ceil(epochs[name] - 1e-9)) for name in cfg.baselines.budgets]
-    todo = [job for job in jobs if trained_metrics(paths.baseline(job.name), TITLES[job.name]) is None]
+    imported = cfg.generalist.checkpoint is not None
+    titles = TRAINED_ON if imported else TITLES
+    start = load_tensors(paths.generalist.weights) if imported else None
+    jobs = [Budget(name, max(1, math.ceil(epochs[name] - 1e-9)), titles[name]) for name in cfg.baselines.budgets]
+    todo = [job for job in jobs if trained_metrics(paths.baseline(job.name), job.title) is None]
     started = time.time()
-    run_tasks(train_baseline, todo, (data, cfg), cfg.launch, lambda job, row: _save(paths, job, row),
+    run_tasks(train_baseline, todo, (data, cfg, start), cfg.launch, lambda job, row: _save(paths, job, row),
               checkpoints=paths.stage("baselines"), device=resolve_device(cfg.device), desc="baselines")
     rows = [{**read_trained(paths.baseline(job.name)), "budget_epochs": epochs[job.name]} for job in jobs]
     for row in rows:
@@ -70,16 +80,17 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 
 def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: torch.device, data: Data,
-                   cfg: Config) -> dict:
-    """A launcher task: the generalist's net trained afresh for `job.epochs` with the generalist's recipe;
-    returns its weights, history, test predictions and metrics."""
+                   cfg: Config, start: dict[str, torch.Tensor] | None) -> dict:
+    """A launcher task: the generalist's net trained for `job.epochs` with the generalist's recipe, afresh
+    or on from `start` (an imported generalist's weights); returns its weights, history, test predictions
+    and metrics."""
     train = dataclasses.replace(cfg.generalist.train, epochs=job.epochs)
     with task_folder(job.name, checkpoint, store) as folder:
-        net, history = train_generalist(cfg, data, train, folder.folder, device, TITLES[job.name],
-                                        on_epoch=folder.on_epoch)
+        net, history = train_generalist(cfg, data, train, folder.folder, device, job.title,
+                                        on_epoch=folder.on_epoch, start=start)
     logits = predict_logits(net, data.x_test, device=device, batch_size=train.eval_batch_size,
                             channels_last=train.channels_last)
-    metrics = {"budget": job.name, "system": TITLES[job.name], "epochs": job.epochs,
+    metrics = {"budget": job.name, "system": job.title, "epochs": job.epochs,
                **classification_metrics(logits, data.y_test, "test_"),
                "train_seconds": round(sum(r["seconds"] for r in history), 2)}
     return {"weights": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "history": history,
@@ -167,4 +178,4 @@ def baseline_rows(run_dir: Path) -> list[dict]:
 def load_baseline(run_dir: Path, cfg: Config, data: Data, budget: str) -> torch.nn.Module:
     """A trained baseline of a run, rebuilt from its config and weights."""
     return load_net(cfg.generalist.net, data.input_shape, data.num_classes, RunDir(run_dir).baseline(budget).weights,
-                    f"the {TITLES[budget]}'s weights")
+                    f"the {budget} baseline's weights")

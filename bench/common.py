@@ -25,11 +25,13 @@ SHARED_NPZ = {"emnist": "../shared/data/emnist_byclass.npz", "omniglot": "../sha
 
 
 def bench_config(path: Path | None, overrides: list[str]) -> Config:
-    """The config at `path` (None: the defaults) with `overrides`, as the benchmarks run it: for
-    configs/emnist.yaml and configs/omniglot.yaml, the data from SHARED_NPZ. Run from the repository root."""
-    npz = SHARED_NPZ.get(Path(path).stem) if path is not None else None
-    data = ["data.source=npz", f"data.path={npz}", "data.download=false"] if npz else []
-    return load_config(path, [*data, *overrides])
+    """The config at `path` (None: the defaults) with `overrides`, as the benchmarks run it: EMNIST and
+    Omniglot from SHARED_NPZ where the config would download them. Run from the repository root."""
+    cfg = load_config(path, overrides)
+    npz = SHARED_NPZ.get(cfg.data.source) if cfg.data.path is None else None
+    if npz is None:
+        return cfg
+    return load_config(path, ["data.source=npz", f"data.path={npz}", "data.download=false", *overrides])
 
 
 class Timing(NamedTuple):

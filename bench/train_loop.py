@@ -1,7 +1,9 @@
 """Is the project's training loop as fast as a bare hand-written PyTorch loop? And what does the
 channels_last memory format buy on this CPU? One run, the same model and data, interleaved repeats in rotating order.
 
-    python bench/train_loop.py [--repeats 5] [--width 32] [--classes 400]
+    python bench/train_loop.py [--repeats 5] [--width 32] [--classes 400] [--net cnn] [--name train_loop]
+
+`--net` takes any net name (`torchvision:resnet18`); the images are gray 28x28, as EMNIST's.
 """
 from __future__ import annotations
 
@@ -44,10 +46,12 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=400)
     p.add_argument("--per-class", type=int, default=25)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--net", default="cnn", help="a built-in net (its --width), torchvision:<builder> or module:factory")
+    p.add_argument("--name", default="train_loop", help="the results' file name")
     args = p.parse_args()
     src = synthetic(args.classes, args.per_class, 1, image_size=28)
     x, y = torch.from_numpy(src.x_train)[:, None], torch.from_numpy(src.y_train)
-    net_cfg = NetConfig("cnn", width=args.width, depth=1)
+    net_cfg = NetConfig(args.net, width=args.width, depth=1)
     fresh = lambda: build_net(net_cfg, (1, 28, 28), args.classes)  # noqa: E731
     images = args.epochs * (len(x) // 128 * 128)
 
@@ -71,7 +75,7 @@ def main() -> None:
     rows = [{"loop": k, "median_s": round(v, 3), "min_s": round(best[k], 3), "images_per_s": round(images / v),
              "median_vs_bare": round(v / base, 3), "min_vs_bare": round(best[k] / base_best, 3)}
             for k, v in med.items()]
-    write_results("train_loop", rows, {"args": vars(args), "times_s": times,
+    write_results(args.name, rows, {"args": vars(args), "times_s": times,
                                        "fit_over_bare_channels_last": med["fit (channels_last)"] / base,
                                        "contiguous_over_channels_last_fit":
                                        med["fit (contiguous)"] / med["fit (channels_last)"]})

@@ -85,17 +85,18 @@ def run(run_dir: Path, cfg: Config) -> dict:
         pred = load_tensors(paths.baseline(row["budget"]).predictions)["test_pred"]
         rivals[f"{row['system']} ({row['epochs']} epochs)"] = (pred == labels, row["test_top1"])
     verdict = compare(ensemble_right, rivals)
+    imported = cfg.generalist.checkpoint
     summary = {
         "method": method, "generalist_top1": table3[0]["test_top1"], "ensemble_top1": headline["test_top1"],
         "relative_gain": headline["test_top1"] / table3[0]["test_top1"] - 1,
         "generalist_conditional_top1": table3[0]["conditional_top1"],
         "ensemble_conditional_top1": headline["conditional_top1"], "top_n": first,
         "num_specialists": len(subsets), "verdict": verdict[-1]["call"], "verdict_rival": verdict[-1]["rival"],
-        "verdict_difference": verdict[-1]["difference"],
+        "verdict_difference": verdict[-1]["difference"], "generalist_imported": imported,
     }
     write_json(paths.evaluation, {**summary, "method_choice": choice, "table3": table3, "table4": table4,
                                    "comparisons": verdict})
-    text = tables_markdown(table3, table4, len(subsets)) + "\n" + verdict_markdown(verdict)
+    text = tables_markdown(table3, table4, len(subsets)) + "\n" + verdict_markdown(verdict, imported)
     write_text(paths.tables, text)
     plot_table4(paths.stage("combiner") / "table4.png", table4)
     print(text, flush=True)
@@ -137,8 +138,9 @@ def beats_generalist(evaluation: dict) -> bool:
     return next(c for c in evaluation["comparisons"] if c["rival"] == "generalist")["call"] == "beats"
 
 
-def verdict_markdown(rows: list[dict]) -> str:
-    """The comparison table and one sentence on the last row: the longest-trained baseline (equal compute)."""
+def verdict_markdown(rows: list[dict], imported: str | None = None) -> str:
+    """The comparison table and one sentence on the last row: the longest-trained baseline (equal compute);
+    with the path of an `imported` generalist, a sentence on what its rivals are."""
     lines = ["Verdict: the ensemble against single networks on the same test images", "",
              "| rival | rival test top-1 | ensemble − rival | paired s.e. | ensemble right, rival wrong | "
              "ensemble wrong, rival right | ensemble |", "|---|---|---|---|---|---|---|"]
@@ -154,6 +156,9 @@ def verdict_markdown(rows: list[dict]) -> str:
         advice = (f"The ensemble does not pay: it {last['call']} the {last['rival']} "
                   f"({last['difference']:+.2%} top-1), a single network at the generalist's inference cost. "
                   f"Ship that network instead, or see the levers in BENCHMARKS.md.")
+    if imported:
+        advice += (f"\n\nThe generalist was imported from {imported}: its own training compute is unknown, so "
+                   "its rivals are it trained on for the specialists' compute (specialists, or more training?).")
     return "\n".join(lines + ["", advice]) + "\n"
 
 

@@ -108,6 +108,10 @@ def status(run_dir: Path) -> int:
         metric = f"{stage.metric} {value:.4f}" if value is not None else ""
         seconds = f"{entry['seconds']:.1f}" if "seconds" in entry else ""
         print(f"  {stage.name:<14}{state(stage, cfg, manifest):<14}{metric:<24}{seconds:>9}")
+    general = manifest.get("generalist").get("summary", {})
+    if general.get("imported"):
+        print(f"  generalist: imported from {general['imported']} (sha256 {general['imported_sha256'][:12]}), "
+              "evaluated, not trained here")
     subsets = manifest.get("cluster").get("summary")
     if subsets:
         print(f"  subsets: {subsets['num_subsets']} ({subsets['shape']}), sizes {subsets['size_min']} to "

@@ -65,14 +65,25 @@ class DataConfig:
     seed: int = 0  # generators and the validation split (the run's seed drives training)
 
 
+def _net_name(v: str) -> bool:
+    return v in ("mlp", "cnn", "resnet") or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v) is not None
+
+
 @dataclass
 class NetConfig:
-    """A network from `ensemble.nets` by name."""
+    """A network from `ensemble.nets` by name: built in, any torchvision classification model, or a factory."""
 
-    name: Literal["mlp", "cnn", "resnet"] = "cnn"
+    name: str = field(default="cnn", metadata={"valid": (_net_name, "mlp, cnn, resnet, 'torchvision:<builder>' "
+                                                                   "or '<module.path>:<callable>'")})
     width: int = field(default=32, metadata=at_least(1))  # mlp: hidden units; cnn, resnet: first stage channels
     depth: int = field(default=1, metadata=at_least(1))  # mlp: hidden layers; cnn: convs per stage; resnet: blocks
-    dropout: float = field(default=0.0, metadata=between(0, 1, high_open=True))
+    dropout: float = field(default=0.0, metadata=between(0, 1, high_open=True))  # built-in nets
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={"neutral": {}})  # torchvision builders and
+    #   factories: keyword arguments besides num_classes (and a factory's input_shape)
+    weights: str | None = field(default=None, metadata={"neutral": None})  # start training from a weights file
+    #   (safetensors or a PyTorch state dict), or `torchvision`: the builder's default pretrained weights
+    head: str | None = field(default=None, metadata={"neutral": None})  # the final nn.Linear's path in the model
+    #   (as named_modules() names it: fc, classifier.3, heads.head); null: the one whose output is the model's
 
 
 @dataclass
@@ -100,6 +111,8 @@ class GeneralistConfig:
 
     net: NetConfig = field(default_factory=lambda: NetConfig(name="mlp", width=8, depth=1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=24, augment="none"))
+    checkpoint: str | None = field(default=None, metadata={"neutral": None})  # a generalist you already have:
+    #   weights for `net` (safetensors or a PyTorch state dict); the stage evaluates it instead of training
 
 
 @dataclass
@@ -315,6 +328,10 @@ def _check(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{key}' must be a mapping of names to values, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):

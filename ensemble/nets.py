@@ -1,11 +1,24 @@
 """Networks by name. Each is `head(trunk(x))`: `trunk` maps images to features, `head` is the final
 nn.Linear, which the specialists replace (their classes plus a dustbin).
 
+`net.name` is one of the built-in nets (`mlp`, `cnn`, `resnet`), `torchvision:<builder>` (any
+classification model of torchvision.models, built with `num_classes` and `net.kwargs`), or
+`<module.path>:<callable>`, a factory called as `factory(num_classes=..., input_shape=(C, H, W),
+**kwargs)` that returns an nn.Module. For a model that is not built in, the head is the nn.Linear whose
+output is the model's output (found by running it once), or the one `net.head` names; the trunk is the
+model with that layer replaced by nn.Identity.
+
 Inputs are float images in [0, 1], shaped (N, C, H, W); each net normalises them with per-channel
-statistics of its training data, kept as buffers so that saved weights are self-contained.
+statistics of its training data, kept as buffers so that saved weights are self-contained. Gray images
+(one channel) into a model whose first convolution takes more are repeated over its channels after
+normalisation: what a gray photograph looks like to an RGB model, and the pretrained filters unchanged.
 """
 from __future__ import annotations
 
+import difflib
+import importlib
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,19 +28,26 @@ from torch import nn
 from .config import NetConfig
 from .rundir import load_tensors
 
+BUILT_IN = ("mlp", "cnn", "resnet")
+
 
 class Net(nn.Module):
-    """A trunk and a linear head; `forward` gives logits."""
+    """A trunk and a linear head; `forward` gives logits. `model_channels` (default: the images'): the
+    channels the trunk's first layer takes, when the images are gray and it takes more."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Linear, in_channels: int):
+    def __init__(self, trunk: nn.Module, head: nn.Linear, in_channels: int, model_channels: int | None = None):
         super().__init__()
         self.register_buffer("input_mean", torch.full((1, in_channels, 1, 1), 0.5))
         self.register_buffer("input_std", torch.full((1, in_channels, 1, 1), 0.5))
         self.trunk = trunk
         self.head = head
+        self.model_channels = model_channels or in_channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk((x - self.input_mean) / self.input_std)
+        x = (x - self.input_mean) / self.input_std
+        if x.shape[1] != self.model_channels:  # gray into an RGB model: the same image in every channel
+            x = x.expand(-1, self.model_channels, -1, -1)
+        return self.trunk(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -39,13 +59,117 @@ class Net(nn.Module):
         self.input_std.copy_(x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
 
 
-def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int) -> Net:
-    """The network `cfg.name` for inputs of `input_shape` (C, H, W) and `num_classes` outputs."""
-    builders = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}
-    if cfg.name not in builders:
-        raise ValueError(f"unknown net {cfg.name!r}; known: {sorted(builders)}")
-    trunk, dim = builders[cfg.name](cfg, input_shape)
-    return Net(trunk, nn.Linear(dim, num_classes), in_channels=input_shape[0])
+def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, key: str = "net") -> Net:
+    """The network `cfg.name`, freshly initialised, for inputs of `input_shape` (C, H, W) and
+    `num_classes` outputs. A net that cannot be built is a ValueError naming the config `key`."""
+    if cfg.name in BUILT_IN:
+        trunk, dim = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}[cfg.name](cfg, input_shape)
+        return Net(trunk, nn.Linear(dim, num_classes), in_channels=input_shape[0])
+    model = _model(cfg, input_shape, num_classes, key)
+    channels = _first_conv_channels(model) or input_shape[0]
+    if channels != input_shape[0] and input_shape[0] != 1:
+        raise ValueError(f"{key}.name: {cfg.name}'s first convolution takes {channels} channels, the images "
+                         f"have {input_shape[0]} (only gray images are adapted, by repeating them)")
+    path = cfg.head or find_head(model, (channels, *input_shape[1:]), num_classes, key, cfg.name)
+    head = _linear_at(model, path, num_classes, key)
+    model.set_submodule(path, nn.Identity())
+    net = Net(model, head, in_channels=input_shape[0], model_channels=channels)
+    net.head_path = path  # where the model keeps its head: its own weight files name it so
+    return net
+
+
+def _model(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, key: str) -> nn.Module:
+    """The model of a torchvision builder or a user's factory, with `num_classes` outputs."""
+    kind, sep, name = cfg.name.partition(":")
+    if not sep or not kind or not name:
+        raise ValueError(f"{key}.name: {cfg.name!r} is not a built-in net ({', '.join(BUILT_IN)}), "
+                         f"'torchvision:<builder>' or '<module.path>:<callable>'")
+    if kind == "torchvision":
+        builder, kwargs = torchvision_builder(name, key), {"num_classes": num_classes, **cfg.kwargs}
+    else:
+        builder, kwargs = _factory(kind, name, key), {"num_classes": num_classes, "input_shape": tuple(input_shape),
+                                                     **cfg.kwargs}
+    try:
+        model = builder(**kwargs)
+    except Exception as e:
+        raise ValueError(f"{key}.name: {cfg.name}(**{kwargs}) raised {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{key}.name: {cfg.name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def torchvision_builder(name: str, key: str = "net") -> Callable[..., nn.Module]:
+    """torchvision's classification model builder `name`; an unknown one is a ValueError with the closest
+    names."""
+    import torchvision.models
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(sorted(known)[:12])}, ...)"
+        raise ValueError(f"{key}.name: torchvision has no classification model {name!r}{hint}")
+    return torchvision.models.get_model_builder(name)
+
+
+def _factory(module: str, attribute: str, key: str) -> Callable[..., nn.Module]:
+    """The callable `attribute` of `module`, imported from the working directory or the installed
+    packages."""
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        found = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"{key}.name: cannot import module {module!r} ({e}); it must be importable from "
+                         f"the working directory or the installed packages") from None
+    factory = getattr(found, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"{key}.name: module {module} has no callable {attribute!r}")
+    return factory
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    """The input channels of the model's first convolution (None if it has none)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return None if conv is None else conv.in_channels
+
+
+@torch.no_grad()
+def find_head(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int, key: str = "net",
+              name: str = "the model") -> str:
+    """The path (as in `named_modules`) of the nn.Linear whose output is the model's output, found by
+    running the model once on a blank batch of two; a ValueError asking for `net.head` if there is none."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, path=path: outputs.__setitem__(path, o))
+             for path, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    training = model.training
+    try:
+        model.eval()
+        out = model(torch.zeros(2, *input_shape))
+    except Exception as e:
+        raise ValueError(f"{key}.name: {name} fails on images of shape {tuple(input_shape)}: "
+                         f"{type(e).__name__}: {e}") from None
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    heads = [path for path, o in outputs.items() if isinstance(out, torch.Tensor) and o is out]
+    if not heads:
+        raise ValueError(f"{key}.head: no nn.Linear of {name} produces its {num_classes} class logits as its "
+                         f"output; name the final linear layer with {key}.head (a path of named_modules())")
+    return heads[-1]
+
+
+def _linear_at(model: nn.Module, path: str, num_classes: int, key: str) -> nn.Linear:
+    """The nn.Linear at `path` in `model`, with `num_classes` outputs."""
+    try:
+        layer = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"{key}.head: the model has no submodule {path!r}") from None
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"{key}.head: {path} is a {type(layer).__name__}, not an nn.Linear")
+    if layer.out_features != num_classes:
+        raise ValueError(f"{key}.head: {path} gives {layer.out_features} outputs, not the {num_classes} classes")
+    return layer
 
 
 def is_conv(net: nn.Module) -> bool:
@@ -118,23 +242,105 @@ def load_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int
              weights: Path | dict[str, torch.Tensor], what: str,
              adapt: Callable[[Net], nn.Module] | None = None) -> nn.Module:
     """The net `cfg` for `input_shape` and `num_classes` outputs, made into `adapt(net)` if given (a
-    specialist's own head), with `weights`: a safetensors file or a state dict. Weights that do not fit
-    are a ValueError naming `what` ("the generalist's weights") and the first tensor that differs."""
+    specialist's own head), with `weights`: a weights file (`read_weights`) or a state dict, of the Net
+    or, for a model that is not built in, of the model itself. Weights that do not fit are a ValueError
+    naming `what` ("the generalist's weights") and the first tensor that differs, with both shapes."""
     net = build_net(cfg, input_shape, num_classes)
     net = adapt(net) if adapt is not None else net
     if not isinstance(weights, dict):
-        what = f"{what} {weights}"
-        weights = load_tensors(weights)
+        what, weights = f"{what} {weights}", read_weights(weights, what)
+    load_weights(net, weights, what)
+    return net
+
+
+def start_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, images: torch.Tensor,
+              key: str = "net") -> Net:
+    """A net to train: `cfg` freshly built, its input normalisation set from the uint8 training `images`,
+    started from `cfg.weights` if given (a file, or `torchvision`: the builder's default pretrained
+    weights). A head of another number of classes in those weights is left out: the head starts fresh."""
+    net = build_net(cfg, input_shape, num_classes, key)
+    net.set_input_stats(images)
+    if cfg.weights is not None:
+        what = f"{key}.weights"
+        state = torchvision_weights(cfg.name, key) if cfg.weights == "torchvision" else read_weights(
+            Path(cfg.weights), what)
+        load_weights(net, state, f"{what} {cfg.weights}", new_head=True)
+    return net
+
+
+def check_net(cfg: NetConfig, key: str, images: torch.Tensor, num_classes: int) -> None:
+    """Build `cfg` for uint8 `images` (N, C, H, W) and load its `weights`, so that a net that cannot be
+    built or started fails before any stage runs, with its config `key`. Built-in nets without weights
+    always build: they are not tried."""
+    if cfg.weights not in (None, "torchvision") and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"{key}.weights: {cfg.weights} does not exist")
+    if cfg.name not in BUILT_IN or cfg.weights is not None:
+        start_net(cfg, tuple(images.shape[1:]), num_classes, images, key)
+
+
+def torchvision_weights(name: str, key: str = "net") -> dict[str, torch.Tensor]:
+    """The default pretrained weights of torchvision builder `name` (torchvision:<builder>), through its
+    weights API: downloaded once into torch's hub cache ($TORCH_HOME/hub/checkpoints), loaded with
+    weights_only=True."""
+    from torchvision.models import get_model_weights
+
+    kind, _, builder = name.partition(":")
+    if kind != "torchvision":
+        raise ValueError(f"{key}.weights: 'torchvision' takes the pretrained weights of a torchvision:<builder> "
+                         f"net, not of {name}")
+    torchvision_builder(builder, key)
+    try:
+        weights = get_model_weights(builder).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        raise ValueError(f"{key}.weights: torchvision has no pretrained weights for {builder}") from None
+    return weights.get_state_dict(progress=True, weights_only=True)
+
+
+def read_weights(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A weights file: safetensors, or a PyTorch state dict (a mapping of names to tensors, or one under
+    'state_dict' or 'model') loaded with weights_only=True, so that loading it runs no code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    if path.suffix != ".safetensors":
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            state = None
+        if isinstance(state, dict):
+            state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
+            if state and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+                return state
+    try:
+        return load_tensors(path)
+    except ValueError:
+        raise ValueError(f"{what}: {path} is neither a safetensors file nor a PyTorch state dict of tensors") from None
+
+
+def load_weights(net: nn.Module, state: dict[str, torch.Tensor], what: str, new_head: bool = False) -> None:
+    """Load `state` into `net` in place: the Net's own keys (a file this project saved), or for a model
+    that is not built in its keys as the model names them (its trunk's and its head's; the input
+    normalisation then stays the net's). With `new_head`, head tensors of another shape are left out."""
+    head_path = getattr(net, "head_path", None)
+    if "input_mean" not in state and head_path is not None:
+        state = {("head." + k[len(head_path) + 1:] if k.startswith(head_path + ".") else "trunk." + k): v
+                 for k, v in state.items()} | {k: v for k, v in net.state_dict().items() if k.startswith("input_")}
     expected = net.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    if new_head:
+        skipped = [k for k, v in state.items() if k.startswith("head.") and k in expected
+                   and tuple(v.shape) != tuple(expected[k].shape)]
+        if skipped:
+            print(f"{what}: its head {tuple(state[skipped[0]].shape)} is for another number of classes: the "
+                  f"head starts fresh", flush=True)
+        state = {k: v for k, v in state.items() if k not in skipped} | {k: expected[k] for k in skipped}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{what} do not fit the configured net: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]} (were they trained with another net config?)")
     for key, tensor in expected.items():
-        if tuple(weights[key].shape) != tuple(tensor.shape):
+        if tuple(state[key].shape) != tuple(tensor.shape):
             raise ValueError(f"{what} do not fit the configured net: {key} has shape "
-                             f"{tuple(weights[key].shape)}, the net expects {tuple(tensor.shape)} (were they "
+                             f"{tuple(state[key].shape)}, the net expects {tuple(tensor.shape)} (were they "
                              f"trained with another net config or number of classes?)")
-    net.load_state_dict(weights)
-    return net
+    net.load_state_dict(state)

@@ -47,23 +47,32 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("generalist", generalist.run, lambda c: (c.seed, c.generalist, data_fingerprint(c.data)),
-          metric="test_top1"),
+    Stage("generalist", generalist.run, lambda c: (c.seed, c.generalist, data_fingerprint(c.data),
+                                                   *_weight_files(c.generalist.checkpoint, c.generalist.net.weights)),
+          metric="test_top1", check=generalist.check),
     Stage("cluster", cluster.run, lambda c: (c.seed, c.cluster, data_fingerprint(c.data)), after=("generalist",),
           metric="confusion_capture", check=cluster.check),
     Stage("specialists", specialists.run, lambda c: (c.seed, c.generalist.net, c.specialists, _subsets_file(c),
                                                      data_fingerprint(c.data)),
           after=("generalist", "cluster"), metric="conditional_gain", check=specialists.check),
-    Stage("baselines", baselines.run, lambda c: (c.seed, c.generalist, c.baselines, data_fingerprint(c.data)),
+    Stage("baselines", baselines.run, lambda c: (c.seed, c.generalist, c.baselines, data_fingerprint(c.data),
+                                                 *_weight_files(c.generalist.net.weights)),
           after=("generalist", "specialists"), metric="compute_top1", check=baselines.check),
     Stage("combiner", combiner.run, lambda c: (c.combine, data_fingerprint(c.data)),
           after=("generalist", "specialists", "baselines"), metric="ensemble_top1"),
     Stage("distill_back", distill_back.run, lambda c: (c.seed, c.generalist, c.combine, c.distill_back,
-                                                       data_fingerprint(c.data)),
+                                                       data_fingerprint(c.data),
+                                                       *_weight_files(c.distill_back.net and c.distill_back.net.weights)),
           after=("generalist", "specialists", "baselines", "combiner"), metric="student_top1",
           check=distill_back.check),
 )
 assert tuple(s.name for s in STAGES) == STAGE_NAMES  # the layout's folders are the stages'
+
+
+def _weight_files(*paths: str | None) -> tuple[str, ...]:
+    """The content hashes of the weight files a stage starts from (none: nothing, so that the runs made
+    before these settings keep their fingerprints; torchvision's pretrained weights are fixed by name)."""
+    return tuple(file_hash(Path(p)) for p in paths if p is not None and p != "torchvision")
 
 
 def _subsets_file(cfg: Config) -> str | None:

@@ -1,4 +1,5 @@
-"""Train the generalist on hard labels; write its weights, test metrics and held-out predictions."""
+"""Train the generalist on hard labels, or import one the user already has; write its weights, test
+metrics and held-out predictions."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,18 +12,28 @@ from ensemble.cost import parameters
 from ensemble.data import Data, load_data
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
-from ensemble.nets import Net, build_net
-from ensemble.rundir import save_tensors, write_json
+from ensemble.nets import BUILT_IN, Net, build_net, check_net, load_weights, read_weights, start_net
+from ensemble.rundir import file_hash, save_tensors, write_json, write_text
 from ensemble.train import fit, predict_logits, resolve_device
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
-    """Train on all classes; write `model.safetensors`, `predictions.safetensors` (validation and test
-    logits, probabilities and labels: the input of the cluster stage) and `metrics.json`."""
+    """Train on all classes, or with `generalist.checkpoint` load that generalist instead; write
+    `model.safetensors`, `predictions.safetensors` (validation and test logits, probabilities and labels:
+    the input of the cluster stage) and `metrics.json`."""
     out = RunDir(run_dir).generalist
     data = load_data(cfg.data)
     device = resolve_device(cfg.device)
-    net, history = train_generalist(cfg, data, cfg.generalist.train, out.folder, device, "generalist")
+    checkpoint = cfg.generalist.checkpoint
+    if checkpoint is None:
+        net, history = train_generalist(cfg, data, cfg.generalist.train, out.folder, device, "generalist")
+        origin = {}
+    else:
+        net, history = import_generalist(cfg, data), []
+        print(f"generalist: imported from {checkpoint} ({cfg.generalist.net.name}, {parameters(net):,} "
+              f"parameters): evaluated, not trained", flush=True)
+        write_text(out.history, "")  # it trained on no example here: its training compute is unknown
+        origin = {"imported": checkpoint, "imported_sha256": file_hash(Path(checkpoint))}
     save_tensors(out.weights, net.state_dict())
 
     batch = cfg.generalist.train.eval_batch_size
@@ -40,23 +51,57 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "parameters": parameters(net),
         "num_classes": data.num_classes,
+        **origin,
     }
     write_json(out.metrics, metrics)
-    print(f"generalist: test top-1 {metrics['test_top1']:.4f}  top-5 {metrics['test_top5']:.4f}  "
-          f"NLL {metrics['test_nll']:.4f}", flush=True)
+    print(f"generalist{' (imported)' if origin else ''}: test top-1 {metrics['test_top1']:.4f}  "
+          f"top-5 {metrics['test_top5']:.4f}  NLL {metrics['test_nll']:.4f}", flush=True)
     return metrics
 
 
-def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path, device: torch.device,
-                     desc: str, on_epoch: Callable[[list[dict]], None] | None = None) -> tuple[Net, list[dict]]:
-    """A fresh `cfg.generalist.net` trained on hard labels with `train`, resuming from `workdir` (the
-    generalist, and the baselines: the same recipe for another number of epochs)."""
-    torch.manual_seed(cfg.seed)
-    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes)
+def check(cfg: Config) -> None:
+    """Before any stage runs: the generalist's net builds and starts (`check_net`), and
+    `generalist.checkpoint` exists and fits it."""
+    path = cfg.generalist.checkpoint
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"generalist.checkpoint: {path} does not exist")
+    if path is None and cfg.generalist.net.name in BUILT_IN and cfg.generalist.net.weights is None:
+        return  # nothing to try: spare loading the data
+    data = load_data(cfg.data)
+    if path is None:
+        check_net(cfg.generalist.net, "generalist.net", data.x_train[:2], data.num_classes)
+    else:
+        import_generalist(cfg, data)
+
+
+def import_generalist(cfg: Config, data: Data) -> Net:
+    """The generalist in `generalist.checkpoint`: weights for `generalist.net`, as this project saves
+    them (with their input normalisation) or as the model names them (normalised then by the training
+    data's statistics, as a fresh net is)."""
+    path = cfg.generalist.checkpoint
+    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes, "generalist.net")
     net.set_input_stats(data.x_train)
+    load_weights(net, read_weights(Path(path), "generalist.checkpoint"), f"generalist.checkpoint {path}")
+    return net
+
+
+def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path, device: torch.device,
+                     desc: str, on_epoch: Callable[[list[dict]], None] | None = None,
+                     start: dict[str, torch.Tensor] | None = None) -> tuple[Net, list[dict]]:
+    """`cfg.generalist.net` trained on hard labels with `train`, resuming from `workdir` (the generalist,
+    and the baselines: the same recipe for another number of epochs). It starts from `start` (a
+    generalist's weights: the baselines of an imported one train it on) or else as `start_net` makes it."""
+    torch.manual_seed(cfg.seed)
+    shape, classes = data.input_shape, data.num_classes
+    if start is None:
+        net = start_net(cfg.generalist.net, shape, classes, data.x_train, "generalist.net")
+    else:
+        net = build_net(cfg.generalist.net, shape, classes, "generalist.net")
+        load_weights(net, start, "the generalist's weights")
     print(f"{desc}: {cfg.generalist.net.name} with {parameters(net):,} parameters on {data.num_classes} "
           f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images, "
-          f"{train.epochs} epochs, device {device}", flush=True)
+          f"{train.epochs} epochs{' from the imported generalist' if start is not None else ''}, device {device}",
+          flush=True)
     history = fit(net, data.x_train, data.y_train, train, workdir, seed=cfg.seed, device=device,
                   val=(data.x_val, data.y_val), desc=desc, on_epoch=on_epoch)
     return net, history

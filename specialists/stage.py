@@ -20,7 +20,7 @@ from ensemble.data import load_data
 from ensemble.launch import run_tasks
 from ensemble.layout import NetDir, RunDir
 from ensemble.metrics import conditional_top1
-from ensemble.nets import load_net
+from ensemble.nets import BUILT_IN, load_net
 from ensemble.rundir import load_tensors, read_json, read_trained, save_trained, trained_metrics, write_json
 from ensemble.train import resolve_device
 
@@ -80,6 +80,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
 def check(cfg: Config) -> None:
     """The stage's settings, checked before the pipeline starts any stage."""
     width = cfg.specialists.width
+    if width is not None and cfg.generalist.net.name not in BUILT_IN:
+        raise ValueError(f"specialists.width: widening is defined for the built-in nets ({', '.join(BUILT_IN)}), "
+                         f"not for {cfg.generalist.net.name}; leave it null")
     if width is not None and width < cfg.generalist.net.width:
         raise ValueError(f"specialists.width {width} is below the generalist's width {cfg.generalist.net.width}: "
                          "specialists start as the generalist, widened")

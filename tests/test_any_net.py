@@ -1,0 +1,251 @@
+"""Any network: torchvision builders and a user's factory in every stage, weights files, the head found,
+compute counted, and a generalist the user already has."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from combiner import Combiner
+from ensemble.cli import main
+from ensemble.config import NetConfig, load_config
+from ensemble.cost import multiply_adds
+from ensemble.nets import build_net, load_weights, read_weights, start_net
+from ensemble.pipeline import STAGES, run_pipeline, state
+from ensemble.rundir import Manifest, load_tensors
+
+
+def tiny_factory(num_classes, input_shape, width=8):
+    """A user's own net, as the factory convention asks: a conv stage, pooling, a hidden and a final layer."""
+    return nn.Sequential(nn.Conv2d(input_shape[0], width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 16), nn.ReLU(),
+                         nn.Linear(16, num_classes))
+
+
+def raising_factory(num_classes, input_shape):
+    raise RuntimeError("out of ideas")
+
+
+def not_a_module(num_classes, input_shape):
+    return "a string"
+
+
+def _images(tmp_path, classes=6, channels=3, size=16, train=40, test=10):
+    """An npz of coloured blobs: each class its own colour and position, with noise."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = np.repeat(np.arange(classes), n)
+        x = rng.normal(0.3, 0.15, (len(y), size, size, channels))
+        for c in range(classes):
+            r = (c * 5) % (size - 6)
+            x[y == c, r:r + 6, r:r + 6, c % channels] += 0.5
+        return (x.clip(0, 1) * 255).astype(np.uint8), y
+
+    (x_train, y_train), (x_test, y_test) = make(train), make(test)
+    path = tmp_path / "blobs.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def _overrides(tmp_path, net, *extra):
+    return ["data.source=npz", f"data.path={_images(tmp_path)}", f"generalist.net.name={net}",
+            "generalist.train.epochs=2", "generalist.train.batch_size=32", "cluster.num_subsets=2",
+            "cluster.shape=partition", "specialists.train.epochs=1", "specialists.train.batch_size=32",
+            "distill_back.train.epochs=1", "distill_back.train.batch_size=32", "launch.num_cpus=1",
+            f"runs_dir={tmp_path}", "name=r", *extra]
+
+
+@pytest.mark.parametrize("name, kwargs, head", [
+    ("torchvision:resnet18", {}, "fc"),
+    ("torchvision:mobilenet_v3_small", {}, "classifier.3"),
+    ("torchvision:vit_b_16", {"image_size": 32}, "heads.head"),
+    ("test_any_net:tiny_factory", {"width": 4}, "7"),
+])
+def test_the_head_is_found_wherever_the_model_keeps_it(name, kwargs, head):
+    net = build_net(NetConfig(name, kwargs=kwargs), (1, 32, 32), 9).eval()
+    x = torch.rand(3, 1, 32, 32)
+    assert net.head_path == head and isinstance(net.head, nn.Linear) and net.head.out_features == 9
+    assert torch.allclose(net(x), net.head(net.features(x)))
+    if name.startswith("torchvision"):  # gray images into an RGB model: repeated over its three channels
+        rgb = build_net(NetConfig(name, kwargs=kwargs), (3, 32, 32), 9).eval()
+        rgb.load_state_dict(net.state_dict() | {k: v.expand(1, 3, 1, 1) for k, v in net.state_dict().items()
+                                                if k.startswith("input_")})
+        assert torch.allclose(net(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-6)
+
+
+def test_multiply_adds_are_counted_by_running_the_model():
+    cnn = build_net(NetConfig("cnn", width=8, depth=1), (1, 28, 28), 10)
+    convs = [(1, 8, 28), (8, 16, 14), (16, 32, 7), (32, 64, 3)]  # (in, out, side) of each 3x3 conv
+    by_hand = sum(c_in * c_out * 9 * side * side for c_in, c_out, side in convs) + 64 * 10
+    assert multiply_adds(cnn, (1, 28, 28)) == by_hand
+    resnet18 = build_net(NetConfig("torchvision:resnet18"), (3, 224, 224), 1000)
+    assert multiply_adds(resnet18, (3, 224, 224)) / 1e9 == pytest.approx(1.8, abs=0.05)  # torchvision: 1.81 GFLOPS
+
+
+def test_weights_as_the_model_names_them_or_as_this_project_saves_them(tmp_path, capsys):
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=1000).eval()
+    torch.save(model.state_dict(), tmp_path / "resnet18.pth")
+    save_file(model.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    for file in ("resnet18.pth", "resnet18.safetensors"):
+        net = start_net(NetConfig("torchvision:resnet18", weights=str(tmp_path / file)), (3, 32, 32), 1000, images)
+        net.input_mean.zero_(), net.input_std.fill_(1)
+        x = torch.rand(2, 3, 32, 32)
+        assert torch.equal(net.eval()(x), model(x))
+    # another number of classes: the trunk is loaded, the head starts fresh
+    net = start_net(NetConfig("torchvision:resnet18", weights=str(tmp_path / "resnet18.pth")), (3, 32, 32), 7, images)
+    assert torch.equal(net.trunk.conv1.weight, model.conv1.weight) and net.head.out_features == 7
+    assert "is for another number of classes: the head starts fresh" in capsys.readouterr().out
+    # a net of this project's own file (input normalisation included) loads as saved
+    again = build_net(NetConfig("torchvision:resnet18"), (3, 32, 32), 7)
+    load_weights(again, net.state_dict(), "weights")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+
+
+def test_torchvision_pretrained_weights_come_from_its_cache(tmp_path, monkeypatch):
+    """`net.weights: torchvision` goes through torchvision's weights API; with the file where torch's hub
+    caches it, nothing is downloaded."""
+    import torchvision
+    from torchvision.models import get_model_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = get_model_weights("mobilenet_v3_small").DEFAULT.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
+    cached.parent.mkdir(parents=True)
+    pretrained = torchvision.models.mobilenet_v3_small()
+    torch.save(pretrained.state_dict(), cached)
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    net = start_net(NetConfig("torchvision:mobilenet_v3_small", weights="torchvision"), (1, 32, 32), 5, images)
+    assert torch.equal(net.trunk.features[0][0].weight, pretrained.features[0][0].weight)
+    assert torch.equal(net.trunk.classifier[0].weight, pretrained.classifier[0].weight)
+
+
+@pytest.mark.parametrize("net, message", [
+    (NetConfig("torchvision:resnet19"), "net.name: torchvision has no classification model 'resnet19' "
+                                         "(did you mean resnet18"),
+    (NetConfig("no_such_module:f"), "net.name: cannot import module 'no_such_module'"),
+    (NetConfig("test_any_net:nothing_here"), "net.name: module test_any_net has no callable 'nothing_here'"),
+    (NetConfig("test_any_net:raising_factory"), "raised RuntimeError: out of ideas"),
+    (NetConfig("test_any_net:not_a_module"), "returned str, not a torch.nn.Module"),
+    (NetConfig("torchvision:squeezenet1_1"), "net.head: no nn.Linear of torchvision:squeezenet1_1 produces its 5 "
+                                              "class logits as its output; name the final linear layer with net.head"),
+    (NetConfig("torchvision:resnet18", head="layer9"), "net.head: the model has no submodule 'layer9'"),
+    (NetConfig("torchvision:resnet18", head="layer1"), "net.head: layer1 is a Sequential, not an nn.Linear"),
+    (NetConfig("cnn", weights="torchvision"), "net.weights: 'torchvision' takes the pretrained weights of a "
+                                             "torchvision:<builder> net, not of cnn"),
+])
+def test_a_net_that_cannot_be_built_is_named(net, message):
+    with pytest.raises(ValueError) as error:
+        start_net(net, (3, 32, 32), 5, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert message in str(error.value)
+
+
+def test_weights_that_do_not_fit_name_the_tensor_and_both_shapes(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not weights at all")
+    with pytest.raises(ValueError, match="junk.pth is neither a safetensors file nor a PyTorch state dict"):
+        read_weights(tmp_path / "junk.pth", "net.weights")
+    small = build_net(NetConfig("cnn", width=4), (1, 28, 28), 5)
+    with pytest.raises(ValueError, match=r"trunk.0.weight has shape \(4, 1, 3, 3\), the net expects \(8, 1, 3, 3\)"):
+        load_weights(build_net(NetConfig("cnn", width=8), (1, 28, 28), 5), small.state_dict(), "net.weights")
+
+
+def test_bad_nets_stop_the_run_before_it_writes_anything(tmp_path, capsys):
+    base = _overrides(tmp_path, "torchvision:resnet18", "launch.backend=inline")
+    for extra, message in [
+        (["generalist.net.name=torchvision:resnet19"], "generalist.net.name: torchvision has no classification model"),
+        (["distill_back.net.name=test_any_net:raising_factory", "distill_back.init=scratch"],
+         "distill_back.net.name: test_any_net:raising_factory(**{'num_classes': 6, 'input_shape': (3, 16, 16)}) "
+         "raised RuntimeError: out of ideas"),
+        (["specialists.width=64"], "specialists.width: widening is defined for the built-in nets"),
+        ([f"generalist.checkpoint={tmp_path}/none.safetensors"], "generalist.checkpoint: "),
+        ([f"generalist.net.weights={tmp_path}/none.pth"], "generalist.net.weights: "),
+    ]:
+        assert main(["run", *base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "r").exists()
+
+
+def _run_and_predict(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    summaries = run_pipeline(cfg)
+    combiner = Combiner.from_run(cfg.run_dir)
+    x = torch.from_numpy(np.load(cfg.data.path)["x_test"]).permute(0, 3, 1, 2).contiguous()
+    q = combiner.predict_proba(x)
+    assert q.shape == (len(x), 6) and torch.allclose(q.sum(1), torch.ones(len(x), dtype=q.dtype), atol=1e-5)
+    evaluation = json.loads((cfg.run_dir / "combiner" / "eval.json").read_text())
+    assert (combiner.predict(x) == torch.from_numpy(np.load(cfg.data.path)["y_test"])).float().mean().item() \
+        == pytest.approx(evaluation["ensemble_top1"])
+    return cfg, summaries
+
+
+def test_the_pipeline_runs_a_torchvision_model_on_ray(tmp_path):
+    """torchvision's resnet18 (random init) as generalist, specialists with a frozen trunk and a head of
+    their own, baselines and student; the specialists and baselines as Ray tasks."""
+    cfg, summaries = _run_and_predict(tmp_path, _overrides(
+        tmp_path, "torchvision:resnet18", "specialists.freeze_trunk=true", "specialists.head_hidden=8"))
+    assert set(summaries) == {s.name for s in STAGES}
+    specialist = load_tensors(cfg.run_dir / "specialists" / "m000" / "model.safetensors")
+    generalist = load_tensors(cfg.run_dir / "generalist" / "model.safetensors")
+    assert torch.equal(specialist["trunk.layer4.1.conv2.weight"], generalist["trunk.layer4.1.conv2.weight"])
+    assert "head.hidden.weight" in specialist
+    report = json.loads((cfg.run_dir / "distill_back" / "report.json").read_text())
+    macs = {r["system"]: r["multiply_adds"] for r in report["systems"]}
+    assert macs["generalist"] == multiply_adds(build_net(cfg.generalist.net, (3, 16, 16), 6), (3, 16, 16))
+
+
+def test_the_pipeline_runs_a_users_factory(tmp_path):
+    _run_and_predict(tmp_path, _overrides(tmp_path, "test_any_net:tiny_factory", "launch.backend=inline",
+                                          "generalist.net.kwargs={width: 6}"))
+
+
+def test_an_imported_generalist_is_evaluated_not_trained_and_its_rivals_train_on(upstream, tmp_path, capsys):
+    from conftest import specialists_run
+
+    checkpoint = tmp_path / "mine.safetensors"
+    checkpoint.write_bytes((upstream / "generalist" / "model.safetensors").read_bytes())
+    # lr ~ 0: a rival that trains on from the imported generalist predicts as it does, one from scratch would not
+    cfg = specialists_run(upstream, tmp_path, f"generalist.checkpoint={checkpoint}", "generalist.train.lr=1e-12",
+                          name="imported")
+    run_pipeline(cfg, only="generalist")
+    out = capsys.readouterr().out
+    assert "imported from" in out and "epoch" not in out
+    mine, theirs = (load_tensors(r / "generalist" / "predictions.safetensors") for r in (cfg.run_dir, upstream))
+    assert torch.equal(mine["test_probs"], theirs["test_probs"])
+    metrics = json.loads((cfg.run_dir / "generalist" / "metrics.json").read_text())
+    assert metrics["imported"] == str(checkpoint) and metrics["epochs"] == 0
+    for stage in ("cluster", "specialists", "baselines", "combiner"):
+        run_pipeline(cfg, only=stage)
+    report = json.loads((cfg.run_dir / "baselines" / "report.json").read_text())
+    assert [r["system"] for r in report["baselines"]] == [
+        "generalist trained on for the specialists' compute", "generalist trained on for the longest specialist's compute"]
+    for budget in ("compute", "wall_clock"):
+        pred = load_tensors(cfg.run_dir / "baselines" / budget / "predictions.safetensors")["test_pred"]
+        assert torch.equal(pred, mine["test_probs"].argmax(1))
+    assert "The generalist was imported from" in (cfg.run_dir / "combiner" / "tables.md").read_text()
+    capsys.readouterr()
+    assert main(["status", str(cfg.run_dir)]) == 0
+    assert f"generalist: imported from {checkpoint}" in capsys.readouterr().out
+
+    other = load_tensors(checkpoint)  # another generalist in the same file: the generalist is done no more
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in other.items()}, str(checkpoint))
+    stage = next(s for s in STAGES if s.name == "generalist")
+    assert state(stage, cfg, Manifest(cfg.run_dir)) == "stale"
+
+
+def test_an_imported_checkpoint_that_does_not_fit_stops_the_run(upstream, tmp_path, capsys):
+    from conftest import SPECIALISTS_TINY
+
+    checkpoint = upstream / "generalist" / "model.safetensors"
+    args = ["run", *SPECIALISTS_TINY, f"runs_dir={tmp_path}", "name=r", f"generalist.checkpoint={checkpoint}",
+            "generalist.net.width=32"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "generalist.checkpoint" in err and "trunk.1.weight has shape (64, 64), the net expects (32, 64)" in err
+    assert not (tmp_path / "r").exists()
