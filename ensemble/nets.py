@@ -33,15 +33,18 @@ BUILT_IN = ("mlp", "cnn", "resnet")
 
 class Net(nn.Module):
     """A trunk and a linear head; `forward` gives logits. `model_channels` (default: the images'): the
-    channels the trunk's first layer takes, when the images are gray and it takes more."""
+    channels the trunk's first layer takes, when the images are gray and it takes more. `head_path`: for
+    a model that is not built in, where the model kept its head (its own weight files name it so)."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Linear, in_channels: int, model_channels: int | None = None):
+    def __init__(self, trunk: nn.Module, head: nn.Linear, in_channels: int, model_channels: int | None = None,
+                 head_path: str | None = None):
         super().__init__()
         self.register_buffer("input_mean", torch.full((1, in_channels, 1, 1), 0.5))
         self.register_buffer("input_std", torch.full((1, in_channels, 1, 1), 0.5))
         self.trunk = trunk
         self.head = head
         self.model_channels = model_channels or in_channels
+        self.head_path = head_path
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std
@@ -73,9 +76,7 @@ def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: in
     path = cfg.head or find_head(model, (channels, *input_shape[1:]), num_classes, key, cfg.name)
     head = _linear_at(model, path, num_classes, key)
     model.set_submodule(path, nn.Identity())
-    net = Net(model, head, in_channels=input_shape[0], model_channels=channels)
-    net.head_path = path  # where the model keeps its head: its own weight files name it so
-    return net
+    return Net(model, head, in_channels=input_shape[0], model_channels=channels, head_path=path)
 
 
 def _model(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, key: str) -> nn.Module:
@@ -321,7 +322,7 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], what: str, new_
     """Load `state` into `net` in place: the Net's own keys (a file this project saved), or for a model
     that is not built in its keys as the model names them (its trunk's and its head's; the input
     normalisation then stays the net's). With `new_head`, head tensors of another shape are left out."""
-    head_path = getattr(net, "head_path", None)
+    head_path = getattr(net, "head_path", None)  # None: built in, or not a Net
     if "input_mean" not in state and head_path is not None:
         state = {("head." + k[len(head_path) + 1:] if k.startswith(head_path + ".") else "trunk." + k): v
                  for k, v in state.items()} | {k: v for k, v in net.state_dict().items() if k.startswith("input_")}

@@ -67,6 +67,9 @@ def fit(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     loss_fn = loss_fn or (lambda z, y: F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing))
+    if sampler is None and len(x) < cfg.batch_size:
+        raise ValueError(f"{desc}: batch_size {cfg.batch_size} is larger than the {len(x)} training examples, "
+                         "so no batch would train (the last partial batch of an epoch is dropped)")
     sampler = sampler or (lambda g: torch.randperm(len(x), generator=g))
     memory_format = _memory_format(model, cfg)
     model.to(device=device, memory_format=memory_format)

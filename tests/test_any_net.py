@@ -249,3 +249,25 @@ def test_an_imported_checkpoint_that_does_not_fit_stops_the_run(upstream, tmp_pa
     err = capsys.readouterr().err
     assert "generalist.checkpoint" in err and "trunk.1.weight has shape (64, 64), the net expects (32, 64)" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_pretrained_weights_for_a_builder_that_has_none_are_named(monkeypatch):
+    import torchvision.models
+
+    def no_weights(name):
+        raise ValueError(f"The model {name} has no weights")
+
+    monkeypatch.setattr(torchvision.models, "get_model_weights", no_weights)
+    with pytest.raises(ValueError, match="generalist.net.weights: torchvision has no pretrained weights for resnet18"):
+        start_net(NetConfig("torchvision:resnet18", weights="torchvision"), (3, 32, 32), 5,
+                  torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "generalist.net")
+
+
+def test_a_batch_larger_than_the_training_set_is_an_error(tmp_path):
+    from ensemble.config import TrainConfig
+    from ensemble.train import fit
+
+    net = build_net(NetConfig("mlp", width=4), (1, 4, 4), 3)
+    x, y = torch.zeros(10, 1, 4, 4, dtype=torch.uint8), torch.zeros(10, dtype=torch.int64)
+    with pytest.raises(ValueError, match="generalist: batch_size 16 is larger than the 10 training examples"):
+        fit(net, x, y, TrainConfig(batch_size=16), tmp_path, seed=0, device=torch.device("cpu"), desc="generalist")
