@@ -1,6 +1,7 @@
 """Any network: torchvision builders and a user's factory in every stage, weights files, the head found,
 compute counted, and a generalist the user already has."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -200,9 +201,15 @@ def test_the_pipeline_runs_a_torchvision_model_on_ray(tmp_path):
     assert macs["generalist"] == multiply_adds(build_net(cfg.generalist.net, (3, 16, 16), 6), (3, 16, 16))
 
 
-def test_the_pipeline_runs_a_users_factory(tmp_path):
-    _run_and_predict(tmp_path, _overrides(tmp_path, "test_any_net:tiny_factory", "launch.backend=inline",
-                                          "generalist.net.kwargs={width: 6}"))
+def test_the_pipeline_runs_a_users_factory_from_the_working_directory_on_ray(tmp_path, monkeypatch):
+    """The factory above, imported by the Ray workers (specialists, baselines) from the working
+    directory, as a user's module would be."""
+    monkeypatch.chdir(Path(__file__).parent)
+    cfg, _ = _run_and_predict(tmp_path, _overrides(tmp_path, "test_any_net:tiny_factory",
+                                                   "generalist.net.kwargs={width: 6}"))
+    report = json.loads((cfg.run_dir / "specialists" / "report.json").read_text())
+    assert report["launch"]["backend"] == "ray" and report["specialists"][0]["node_id"] is not None
+    assert report["specialists"][0]["pid"] != os.getpid()
 
 
 def test_an_imported_generalist_is_evaluated_not_trained_and_its_rivals_train_on(upstream, tmp_path, capsys):
