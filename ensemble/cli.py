@@ -110,7 +110,7 @@ def status(run_dir: Path) -> int:
         print(f"  {stage.name:<14}{state(stage, cfg, manifest):<14}{metric:<24}{seconds:>9}")
     general = manifest.get("generalist").get("summary", {})
     if general.get("imported"):
-        print(f"  generalist: imported from {general['imported']} (sha256 {general['imported_sha256'][:12]}), "
+        print(f"  generalist: imported from {cfg.generalist.checkpoint} (sha256 {general['imported_sha256'][:12]}), "
               "evaluated, not trained here")
     subsets = manifest.get("cluster").get("summary")
     if subsets:

@@ -80,7 +80,7 @@ class NetConfig:
     dropout: float = field(default=0.0, metadata=between(0, 1, high_open=True))  # built-in nets
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={"neutral": {}})  # torchvision builders and
     #   factories: keyword arguments besides num_classes (and a factory's input_shape)
-    weights: str | None = field(default=None, metadata={"neutral": None})  # start training from a weights file
+    weights: str | None = field(default=None, metadata={"neutral": None, "by_content": True})  # start training from a weights file
     #   (safetensors or a PyTorch state dict), or `torchvision`: the builder's default pretrained weights
     head: str | None = field(default=None, metadata={"neutral": None})  # the final nn.Linear's path in the model
     #   (as named_modules() names it: fc, classifier.3, heads.head); null: the one whose output is the model's
@@ -111,7 +111,7 @@ class GeneralistConfig:
 
     net: NetConfig = field(default_factory=lambda: NetConfig(name="mlp", width=8, depth=1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=24, augment="none"))
-    checkpoint: str | None = field(default=None, metadata={"neutral": None})  # a generalist you already have:
+    checkpoint: str | None = field(default=None, metadata={"neutral": None, "by_content": True})  # a generalist you already have:
     #   weights for `net` (safetensors or a PyTorch state dict); the stage evaluates it instead of training
 
 
@@ -287,7 +287,8 @@ def to_dict(cfg: Any) -> dict:
 def config_hash(*parts: Any) -> str:
     """A stable hash of config sections (dataclasses or plain values). A field at its `neutral` value
     (field metadata: the value that does what the code did before the field existed) is left out, so
-    that adding an option leaves the runs made before it done."""
+    that adding an option leaves the runs made before it done; so is a file path marked `by_content`,
+    whose file's contents the stage hashes instead (a moved file is the same input)."""
     plain = json.dumps(parts, sort_keys=True, default=lambda o: _hashed(o) if dataclasses.is_dataclass(o) else str(o))
     return hashlib.sha256(plain.encode()).hexdigest()[:16]
 
@@ -295,7 +296,8 @@ def config_hash(*parts: Any) -> str:
 def _hashed(section: Any) -> dict:
     """A dataclass's fields for its hash, those at their neutral value left out."""
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-            if not ("neutral" in f.metadata and getattr(section, f.name) == f.metadata["neutral"])}
+            if not ("neutral" in f.metadata and getattr(section, f.name) == f.metadata["neutral"])
+            and not f.metadata.get("by_content")}
 
 
 def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:

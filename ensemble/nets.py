@@ -66,6 +66,9 @@ def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: in
     """The network `cfg.name`, freshly initialised, for inputs of `input_shape` (C, H, W) and
     `num_classes` outputs. A net that cannot be built is a ValueError naming the config `key`."""
     if cfg.name in BUILT_IN:
+        if cfg.kwargs or cfg.head:
+            raise ValueError(f"{key}: the built-in net {cfg.name} takes width, depth and dropout; kwargs and head "
+                             "are for torchvision builders and factories")
         trunk, dim = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}[cfg.name](cfg, input_shape)
         return Net(trunk, nn.Linear(dim, num_classes), in_channels=input_shape[0])
     model = _model(cfg, input_shape, num_classes, key)
@@ -270,13 +273,22 @@ def start_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: in
 
 
 def check_net(cfg: NetConfig, key: str, images: torch.Tensor, num_classes: int) -> None:
-    """Build `cfg` for uint8 `images` (N, C, H, W) and load its `weights`, so that a net that cannot be
-    built or started fails before any stage runs, with its config `key`. Built-in nets without weights
-    always build: they are not tried."""
+    """Build `cfg` for uint8 `images` (N, C, H, W), load its `weights` and run a copy once in training
+    mode, so that a net that cannot be built, started or trained fails before any stage runs, with its
+    config `key`. Built-in nets without weights always build: they are not tried."""
     if cfg.weights not in (None, "torchvision") and not Path(cfg.weights).is_file():
         raise FileNotFoundError(f"{key}.weights: {cfg.weights} does not exist")
-    if cfg.name not in BUILT_IN or cfg.weights is not None:
-        start_net(cfg, tuple(images.shape[1:]), num_classes, images, key)
+    if cfg.name in BUILT_IN and cfg.weights is None:
+        return
+    net = start_net(cfg, tuple(images.shape[1:]), num_classes, images, key).train()
+    try:
+        out = net(images[:2].float() / 255)
+    except Exception as e:  # GoogLeNet and Inception return a tuple of logits in training mode
+        raise ValueError(f"{key}.name: {cfg.name} fails in training mode: {type(e).__name__}: {e} (a model "
+                         "with auxiliary outputs needs net.kwargs {aux_logits: false})") from None
+    if out.shape != (2, num_classes):
+        raise ValueError(f"{key}.name: {cfg.name} gives outputs of shape {tuple(out.shape)} in training mode, "
+                         f"not (batch, {num_classes})")
 
 
 def torchvision_weights(name: str, key: str = "net") -> dict[str, torch.Tensor]:
@@ -294,7 +306,11 @@ def torchvision_weights(name: str, key: str = "net") -> dict[str, torch.Tensor]:
         weights = get_model_weights(builder).DEFAULT
     except (ValueError, AttributeError, KeyError):
         raise ValueError(f"{key}.weights: torchvision has no pretrained weights for {builder}") from None
-    return weights.get_state_dict(progress=True, weights_only=True)
+    try:
+        return weights.get_state_dict(progress=True, weights_only=True)
+    except OSError as e:  # no network, a full disk: say what was being fetched, and where from
+        raise ValueError(f"{key}.weights: could not fetch torchvision's pretrained weights for {builder} from "
+                         f"{weights.url} ({e}); put the file in $TORCH_HOME/hub/checkpoints or give a path") from None
 
 
 def read_weights(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -327,6 +343,7 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], what: str, new_
         state = {("head." + k[len(head_path) + 1:] if k.startswith(head_path + ".") else "trunk." + k): v
                  for k, v in state.items()} | {k: v for k, v in net.state_dict().items() if k.startswith("input_")}
     expected = net.state_dict()
+    state = {k: expected[k] for k in expected if k.endswith("num_batches_tracked")} | state  # older files lack them
     if new_head:
         skipped = [k for k, v in state.items() if k.startswith("head.") and k in expected
                    and tuple(v.shape) != tuple(expected[k].shape)]

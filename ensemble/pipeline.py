@@ -70,9 +70,12 @@ assert tuple(s.name for s in STAGES) == STAGE_NAMES  # the layout's folders are 
 
 
 def _weight_files(*paths: str | None) -> tuple[str, ...]:
-    """The content hashes of the weight files a stage starts from (none: nothing, so that the runs made
-    before these settings keep their fingerprints; torchvision's pretrained weights are fixed by name)."""
-    return tuple(file_hash(Path(p)) for p in paths if p is not None and p != "torchvision")
+    """What the weight files a stage starts from hold: their content hashes (the config hashes no path:
+    a moved file is the same input), `torchvision` for torchvision's pretrained weights (fixed by name),
+    a marker for a file that is gone (its stage cannot be verified: stale). Nothing for none, so that the
+    runs made before these settings keep their fingerprints."""
+    return tuple("torchvision" if p == "torchvision" else file_hash(Path(p)) if Path(p).is_file() else f"missing {p}"
+                 for p in paths if p is not None)
 
 
 def _subsets_file(cfg: Config) -> str | None:

@@ -2,6 +2,7 @@
 metrics and held-out predictions."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,11 +30,17 @@ def run(run_dir: Path, cfg: Config) -> dict:
         net, history = train_generalist(cfg, data, cfg.generalist.train, out.folder, device, "generalist")
         origin = {}
     else:
-        net, history = import_generalist(cfg, data), []
+        net, own_stats = import_generalist(cfg, data.input_shape, data.num_classes, data.x_train)
+        history = []
+        if not own_stats:
+            print(f"warning: generalist.checkpoint {checkpoint} holds the model's weights without an input "
+                  "normalisation: its inputs are normalised by the training images' per-channel mean and deviation; "
+                  "if it was trained with other statistics (ImageNet's), its accuracy here will differ",
+                  file=sys.stderr, flush=True)
         print(f"generalist: imported from {checkpoint} ({cfg.generalist.net.name}, {parameters(net):,} "
               f"parameters): evaluated, not trained", flush=True)
         write_text(out.history, "")  # it trained on no example here: its training compute is unknown
-        origin = {"imported": checkpoint, "imported_sha256": file_hash(Path(checkpoint))}
+        origin = {"imported": True, "imported_sha256": file_hash(Path(checkpoint))}  # no path: a moved file is the same
     save_tensors(out.weights, net.state_dict())
 
     batch = cfg.generalist.train.eval_batch_size
@@ -71,18 +78,21 @@ def check(cfg: Config) -> None:
     if path is None:
         check_net(cfg.generalist.net, "generalist.net", data.x_train[:2], data.num_classes)
     else:
-        import_generalist(cfg, data)
+        import_generalist(cfg, data.input_shape, data.num_classes, data.x_train[:2])
 
 
-def import_generalist(cfg: Config, data: Data) -> Net:
+def import_generalist(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
+                      images: torch.Tensor) -> tuple[Net, bool]:
     """The generalist in `generalist.checkpoint`: weights for `generalist.net`, as this project saves
-    them (with their input normalisation) or as the model names them (normalised then by the training
-    data's statistics, as a fresh net is)."""
+    them (with their input normalisation) or as the model names them (then normalised by the per-channel
+    statistics of the uint8 training `images`, as a fresh net is); and whether the file held its own
+    normalisation."""
     path = cfg.generalist.checkpoint
-    net = build_net(cfg.generalist.net, data.input_shape, data.num_classes, "generalist.net")
-    net.set_input_stats(data.x_train)
-    load_weights(net, read_weights(Path(path), "generalist.checkpoint"), f"generalist.checkpoint {path}")
-    return net
+    net = build_net(cfg.generalist.net, input_shape, num_classes, "generalist.net")
+    net.set_input_stats(images)
+    state = read_weights(Path(path), "generalist.checkpoint")
+    load_weights(net, state, f"generalist.checkpoint {path}")
+    return net, "input_mean" in state
 
 
 def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path, device: torch.device,

@@ -103,10 +103,20 @@ def test_weights_as_the_model_names_them_or_as_this_project_saves_them(tmp_path,
     net = start_net(NetConfig("torchvision:resnet18", weights=str(tmp_path / "resnet18.pth")), (3, 32, 32), 7, images)
     assert torch.equal(net.trunk.conv1.weight, model.conv1.weight) and net.head.out_features == 7
     assert "is for another number of classes: the head starts fresh" in capsys.readouterr().out
+    # a file older than batch norm's step counters (torchvision's 2017 weights) loads too
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    older = start_net(NetConfig("torchvision:resnet18", weights=_saved(old, tmp_path / "old.pth")), (3, 32, 32),
+                      1000, images)
+    assert torch.equal(older.trunk.layer1[0].bn1.running_var, model.layer1[0].bn1.running_var)
     # a net of this project's own file (input normalisation included) loads as saved
     again = build_net(NetConfig("torchvision:resnet18"), (3, 32, 32), 7)
     load_weights(again, net.state_dict(), "weights")
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))
+
+
+def _saved(state, path):
+    torch.save(state, path)
+    return str(path)
 
 
 def test_torchvision_pretrained_weights_come_from_its_cache(tmp_path, monkeypatch):
@@ -140,11 +150,37 @@ def test_torchvision_pretrained_weights_come_from_its_cache(tmp_path, monkeypatc
     (NetConfig("torchvision:resnet18", head="layer1"), "net.head: layer1 is a Sequential, not an nn.Linear"),
     (NetConfig("cnn", weights="torchvision"), "net.weights: 'torchvision' takes the pretrained weights of a "
                                              "torchvision:<builder> net, not of cnn"),
+    (NetConfig("cnn", kwargs={"channels": 3}), "net: the built-in net cnn takes width, depth and dropout; kwargs"),
 ])
 def test_a_net_that_cannot_be_built_is_named(net, message):
     with pytest.raises(ValueError) as error:
         start_net(net, (3, 32, 32), 5, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert message in str(error.value)
+
+
+def test_a_model_that_fails_in_training_mode_is_named_before_any_stage():
+    from ensemble.nets import check_net
+
+    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="generalist.net.name: torchvision:googlenet fails in training mode: "
+                                         ".*needs net.kwargs {aux_logits: false}"):
+        check_net(NetConfig("torchvision:googlenet", kwargs={"init_weights": False}), "generalist.net", images, 5)
+    check_net(NetConfig("torchvision:googlenet", kwargs={"init_weights": False, "aux_logits": False}),
+              "generalist.net", images, 5)
+
+
+def test_pretrained_weights_that_cannot_be_fetched_are_named(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError, match="generalist.net.weights: could not fetch torchvision's pretrained weights "
+                                         "for resnet18 from https://download.pytorch.org/.*no network"):
+        start_net(NetConfig("torchvision:resnet18", weights="torchvision"), (3, 32, 32), 5,
+                  torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "generalist.net")
 
 
 def test_weights_that_do_not_fit_name_the_tensor_and_both_shapes(tmp_path):
@@ -226,7 +262,7 @@ def test_an_imported_generalist_is_evaluated_not_trained_and_its_rivals_train_on
     mine, theirs = (load_tensors(r / "generalist" / "predictions.safetensors") for r in (cfg.run_dir, upstream))
     assert torch.equal(mine["test_probs"], theirs["test_probs"])
     metrics = json.loads((cfg.run_dir / "generalist" / "metrics.json").read_text())
-    assert metrics["imported"] == str(checkpoint) and metrics["epochs"] == 0
+    assert metrics["imported"] is True and metrics["epochs"] == 0
     for stage in ("cluster", "specialists", "baselines", "combiner"):
         run_pipeline(cfg, only=stage)
     report = json.loads((cfg.run_dir / "baselines" / "report.json").read_text())
@@ -240,9 +276,15 @@ def test_an_imported_generalist_is_evaluated_not_trained_and_its_rivals_train_on
     assert main(["status", str(cfg.run_dir)]) == 0
     assert f"generalist: imported from {checkpoint}" in capsys.readouterr().out
 
-    other = load_tensors(checkpoint)  # another generalist in the same file: the generalist is done no more
-    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in other.items()}, str(checkpoint))
     stage = next(s for s in STAGES if s.name == "generalist")
+    moved = tmp_path / "elsewhere.safetensors"  # the same file at another path is the same input
+    checkpoint.rename(moved)
+    assert state(stage, specialists_run(upstream, tmp_path, f"generalist.checkpoint={moved}",
+                                        "generalist.train.lr=1e-12", name="imported"), Manifest(cfg.run_dir)) == "done"
+    assert state(stage, cfg, Manifest(cfg.run_dir)) == "stale"  # gone: it cannot be verified
+    assert main(["status", str(cfg.run_dir)]) == 0
+    other = load_tensors(moved)  # another generalist in the file: the generalist is done no more
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in other.items()}, str(checkpoint))
     assert state(stage, cfg, Manifest(cfg.run_dir)) == "stale"
 
 
