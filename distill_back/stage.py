@@ -21,7 +21,7 @@ from ensemble.config import Config, config_hash
 from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, data_fingerprint, load_data
 from ensemble.layout import NetDir, RunDir
-from ensemble.nets import BUILT_IN, Net, check_net, load_net, start_net
+from ensemble.nets import Net, check_net, load_net, start_net
 from ensemble.rundir import (file_hash, load_tensors, read_json, save_tensors, tensors_metadata, write_json,
                              write_text)
 from ensemble.train import fit, predict_logits, resolve_device
@@ -110,9 +110,8 @@ def check(cfg: Config) -> None:
         raise ValueError("distill_back.init=generalist needs the generalist's architecture "
                          f"(distill_back.net {dcfg.net} is not generalist.net {cfg.generalist.net}): "
                          "set distill_back.init=scratch")
-    if dcfg.net is not None and (dcfg.net.name not in BUILT_IN or dcfg.net.weights is not None):
-        data = load_data(cfg.data)
-        check_net(dcfg.net, "distill_back.net", data.x_train[:2], data.num_classes)
+    if dcfg.net is not None:
+        check_net(dcfg.net, "distill_back.net", cfg.data)
 
 
 def make_student(cfg: Config, data: Data, generalist: Net) -> Net:

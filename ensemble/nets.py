@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import NetConfig
+from .config import DataConfig, NetConfig
+from .data import load_data
 from .rundir import load_tensors
 
 BUILT_IN = ("mlp", "cnn", "resnet")
@@ -272,17 +273,17 @@ def start_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: in
     return net
 
 
-def check_net(cfg: NetConfig, key: str, images: torch.Tensor, num_classes: int) -> None:
-    """Build `cfg` for uint8 `images` (N, C, H, W), load its `weights` and run a copy once in training
-    mode, so that a net that cannot be built, started or trained fails before any stage runs, with its
-    config `key`. Built-in nets without weights always build: they are not tried."""
-    if cfg.weights not in (None, "torchvision") and not Path(cfg.weights).is_file():
-        raise FileNotFoundError(f"{key}.weights: {cfg.weights} does not exist")
+def check_net(cfg: NetConfig, key: str, data: DataConfig) -> None:
+    """Build `cfg` for the images of `data`, load its `weights` and run it once in training mode, so that
+    a net that cannot be built, started or trained fails before any stage runs, with its config `key`.
+    Built-in nets without weights always build: they are not tried (and the data is not loaded)."""
     if cfg.name in BUILT_IN and cfg.weights is None:
         return
-    net = start_net(cfg, tuple(images.shape[1:]), num_classes, images, key).train()
+    loaded = load_data(data)
+    images, num_classes = loaded.x_train[:2], loaded.num_classes
+    net = start_net(cfg, loaded.input_shape, num_classes, images, key).train()
     try:
-        out = net(images[:2].float() / 255)
+        out = net(images.float() / 255)
     except Exception as e:  # GoogLeNet and Inception return a tuple of logits in training mode
         raise ValueError(f"{key}.name: {cfg.name} fails in training mode: {type(e).__name__}: {e} (a model "
                          "with auxiliary outputs needs net.kwargs {aux_logits: false})") from None

@@ -13,7 +13,7 @@ from ensemble.cost import parameters
 from ensemble.data import Data, load_data
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
-from ensemble.nets import BUILT_IN, Net, build_net, check_net, load_weights, read_weights, start_net
+from ensemble.nets import Net, build_net, check_net, load_weights, read_weights, start_net
 from ensemble.rundir import file_hash, save_tensors, write_json, write_text
 from ensemble.train import fit, predict_logits, resolve_device
 
@@ -67,17 +67,12 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 
 def check(cfg: Config) -> None:
-    """Before any stage runs: the generalist's net builds and starts (`check_net`), and
+    """Before any stage runs: the generalist's net builds and starts (`check_net`), or
     `generalist.checkpoint` exists and fits it."""
-    path = cfg.generalist.checkpoint
-    if path is not None and not Path(path).is_file():
-        raise FileNotFoundError(f"generalist.checkpoint: {path} does not exist")
-    if path is None and cfg.generalist.net.name in BUILT_IN and cfg.generalist.net.weights is None:
-        return  # nothing to try: spare loading the data
-    data = load_data(cfg.data)
-    if path is None:
-        check_net(cfg.generalist.net, "generalist.net", data.x_train[:2], data.num_classes)
+    if cfg.generalist.checkpoint is None:
+        check_net(cfg.generalist.net, "generalist.net", cfg.data)
     else:
+        data = load_data(cfg.data)
         import_generalist(cfg, data.input_shape, data.num_classes, data.x_train[:2])
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from combiner import Combiner
 from ensemble.cli import main
-from ensemble.config import NetConfig, load_config
+from ensemble.config import DataConfig, NetConfig, load_config
 from ensemble.cost import multiply_adds
 from ensemble.nets import build_net, load_weights, read_weights, start_net
 from ensemble.pipeline import STAGES, run_pipeline, state
@@ -161,12 +161,12 @@ def test_a_net_that_cannot_be_built_is_named(net, message):
 def test_a_model_that_fails_in_training_mode_is_named_before_any_stage():
     from ensemble.nets import check_net
 
-    images = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    data = DataConfig(source="synthetic", num_classes=5, train_per_class=20, test_per_class=2, image_size=32)
     with pytest.raises(ValueError, match="generalist.net.name: torchvision:googlenet fails in training mode: "
                                          ".*needs net.kwargs {aux_logits: false}"):
-        check_net(NetConfig("torchvision:googlenet", kwargs={"init_weights": False}), "generalist.net", images, 5)
+        check_net(NetConfig("torchvision:googlenet", kwargs={"init_weights": False}), "generalist.net", data)
     check_net(NetConfig("torchvision:googlenet", kwargs={"init_weights": False, "aux_logits": False}),
-              "generalist.net", images, 5)
+              "generalist.net", data)
 
 
 def test_pretrained_weights_that_cannot_be_fetched_are_named(tmp_path, monkeypatch):
