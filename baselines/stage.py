@@ -84,6 +84,7 @@ def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: 
     """A launcher task: the generalist's net trained for `job.epochs` with the generalist's recipe, afresh
     or on from `start` (an imported generalist's weights); returns its weights, history, test predictions
     and metrics."""
+    data.check_readable()
     train = dataclasses.replace(cfg.generalist.train, epochs=job.epochs)
     with task_folder(job.name, checkpoint, store) as folder:
         net, history = train_generalist(cfg, data, train, folder.folder, device, job.title,
@@ -92,7 +93,7 @@ def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: 
                             channels_last=train.channels_last)
     metrics = {"budget": job.name, "system": job.title, "epochs": job.epochs,
                **classification_metrics(logits, data.y_test, "test_"),
-               "train_seconds": round(sum(r["seconds"] for r in history), 2)}
+               "train_seconds": round(sum(r["seconds"] for r in history), 2), "device": str(device)}
     return {"weights": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "history": history,
             "test_pred": logits.argmax(dim=1), "metrics": metrics}
 

@@ -18,7 +18,7 @@ from ensemble.config import Config, run_config
 from ensemble.layout import RunDir
 from ensemble.nets import load_net
 from ensemble.rundir import read_json
-from ensemble.train import resolve_device
+from ensemble.train import exact_float32, resolve_device
 from specialists import load_specialists
 from specialists.heads import collapse
 
@@ -62,19 +62,21 @@ class Combiner:
         """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1]; anything else is
         a ValueError that says what was expected.
 
-        The nets run in float32; their softmaxes and the combiner in float64 (probabilities far below
-        float32's 1e-38 keep their ratios; the combiner costs little beside the nets)."""
+        The nets run in float32 (no TF32 on a GPU, as the evaluation's predictions); their softmaxes and
+        the combiner in float64 (probabilities far below float32's 1e-38 keep their ratios; the combiner
+        costs little beside the nets)."""
         x = self._images(x).to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        p_general = self.generalist(x).double().softmax(dim=1)
-        active = active_specialists(p_general, self.subsets, self.top_n)  # (M, N) bool
-        probs = []
-        for net, subset, needed in zip(self.specialists, self.subsets, active):
-            p = collapse(p_general, subset)  # stands in where the specialist is not active: ignored
-            rows = needed.nonzero()[:, 0]
-            if len(rows):
-                p[rows] = net(x[rows]).double().softmax(dim=1)
-            probs.append(p)
+        with exact_float32(self.device):
+            p_general = self.generalist(x).double().softmax(dim=1)
+            active = active_specialists(p_general, self.subsets, self.top_n)  # (M, N) bool
+            probs = []
+            for net, subset, needed in zip(self.specialists, self.subsets, active):
+                p = collapse(p_general, subset)  # stands in where the specialist is not active: ignored
+                rows = needed.nonzero()[:, 0]
+                if len(rows):
+                    p[rows] = net(x[rows]).double().softmax(dim=1)
+                probs.append(p)
         return combine(p_general, probs, self.subsets, top_n=self.top_n, method=self.method).float()
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,27 @@ from pathlib import Path
 import torch
 
 from baselines import baseline_rows, load_baseline, training_compute
-from combiner import Combiner, active_specialists, beats_generalist, combine_method, load_ensemble
+from combiner import (
+    Combiner,
+    active_specialists,
+    beats_generalist,
+    combine_method,
+    load_ensemble,
+)
 from ensemble.config import Config, config_hash
 from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, data_fingerprint, load_data
 from ensemble.layout import NetDir, RunDir
 from ensemble.nets import Net, check_net, load_net, start_net
-from ensemble.rundir import (file_hash, load_tensors, read_json, save_tensors, tensors_metadata, write_json,
-                             write_text)
+from ensemble.rundir import (
+    file_hash,
+    load_tensors,
+    read_json,
+    save_tensors,
+    tensors_metadata,
+    write_json,
+    write_text,
+)
 from ensemble.train import fit, predict_logits, resolve_device
 
 from .loss import distillation_loss
@@ -74,7 +87,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
     beats = beats_generalist(read_json(paths.evaluation))
     summary = {**_summary(rows, beats), "student_train_seconds": _seconds(histories["student"])}
-    write_json(paths.distill_report, {**summary, "systems": rows, "history": histories["student"]})
+    write_json(paths.distill_report, {**summary, "device": str(device), "systems": rows,
+                                       "history": histories["student"]})
     text = report_markdown(rows, summary)
     write_text(out / "report.md", text)
     plot_distill_back(out / "distill_back.png", rows, histories["student"],
@@ -98,7 +112,7 @@ def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Calla
     history = fit(student, x, (teacher, labels), dcfg.train, folder.folder, seed=cfg.seed, device=device,
                   loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
                                                          alpha=dcfg.alpha),
-                  val=(data.x_val, data.y_val), desc=desc)
+                  val=(data.x_val, data.y_val), desc=desc, clean_images=True)
     save_tensors(folder.weights, student.state_dict())
     return student, history
 
@@ -110,6 +124,10 @@ def check(cfg: Config) -> None:
         raise ValueError("distill_back.init=generalist needs the generalist's architecture "
                          f"(distill_back.net {dcfg.net} is not generalist.net {cfg.generalist.net}): "
                          "set distill_back.init=scratch")
+    if dcfg.augmented_copies and cfg.data.source == "imagefolder":
+        raise ValueError("distill_back.augmented_copies makes affine copies of in-memory images; a streamed image "
+                         "folder is augmented as the student trains (data.train_transform): set "
+                         "distill_back.augmented_copies=0")
     if dcfg.net is not None:
         check_net(dcfg.net, "distill_back.net", cfg.data)
 

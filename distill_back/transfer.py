@@ -6,15 +6,18 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ensemble.data import Data
+from ensemble.data import Data, Images, image_batches
 from ensemble.train import augment
 
 from .loss import UNLABELLED
 
 
-def transfer_set(data: Data, copies: int, seed: int, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def transfer_set(data: Data, copies: int, seed: int, batch_size: int = 4096) -> tuple[Images, torch.Tensor]:
     """uint8 images and labels: the training set, then `copies` passes over it under random affine maps
-    (rotation, scale, shear, shift), labelled UNLABELLED: soft targets need no labels."""
+    (rotation, scale, shear, shift), labelled UNLABELLED: soft targets need no labels. Copies are of
+    in-memory images (`distill_back.check` refuses them for a streamed set)."""
+    if copies == 0:
+        return data.x_train, data.y_train
     gen = torch.Generator().manual_seed(seed)
     images, labels = [data.x_train], [data.y_train]
     for _ in range(copies):
@@ -25,14 +28,16 @@ def transfer_set(data: Data, copies: int, seed: int, batch_size: int = 4096) -> 
     return torch.cat(images), torch.cat(labels)
 
 
-def soft_targets(predict_proba: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+def soft_targets(predict_proba: Callable[[torch.Tensor], torch.Tensor], x: Images, batch_size: int,
                  desc: str = "soft targets") -> torch.Tensor:
     """The teacher's log-probabilities (N, C) in float32 for uint8 images `x`, batch by batch
     (probabilities clamped at float32's tiny, so that log q* of the combiner stays finite)."""
-    out = []
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
-        q = predict_proba(x[start:start + batch_size]).float()
+    out, start = [], 0
+    for xb in tqdm(image_batches(x, batch_size), total=-(-len(x) // batch_size), desc=desc, leave=False,
+                   disable=None):
+        q = predict_proba(xb).float()
         if not torch.isfinite(q).all():
             raise ValueError(f"the teacher's probabilities are not finite for inputs {start}..{start + len(q) - 1}")
         out.append(q.clamp_min_(torch.finfo(torch.float32).tiny).log_().cpu())
+        start += len(q)
     return torch.cat(out)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config, run_config
+from .data import fingerprints_held
 from .launch import USER_ERRORS, TasksFailed, one_line
 from .pipeline import STAGES, run_pipeline, stage_named, state
 from .rundir import Manifest
@@ -102,12 +103,14 @@ def status(run_dir: Path) -> int:
     manifest = Manifest(run_dir)
     print(f"run {run_dir}")
     print(f"  {'stage':<14}{'state':<14}{'metric':<24}{'seconds':>9}")
+    with fingerprints_held():
+        states = {stage.name: state(stage, cfg, manifest) for stage in STAGES}
     for stage in STAGES:
         entry = manifest.get(stage.name)
         value = entry.get("summary", {}).get(stage.metric)
         metric = f"{stage.metric} {value:.4f}" if value is not None else ""
         seconds = f"{entry['seconds']:.1f}" if "seconds" in entry else ""
-        print(f"  {stage.name:<14}{state(stage, cfg, manifest):<14}{metric:<24}{seconds:>9}")
+        print(f"  {stage.name:<14}{states[stage.name]:<14}{metric:<24}{seconds:>9}")
     general = manifest.get("generalist").get("summary", {})
     if general.get("imported"):
         print(f"  generalist: imported from {cfg.generalist.checkpoint} (sha256 {general['imported_sha256'][:12]}), "

@@ -56,7 +56,16 @@ class DataConfig:
     test_per_class: int = field(default=20, metadata=at_least(1))  # glyphs, synthetic
     group_size: int = field(default=10, metadata=at_least(1))  # synthetic: classes per planted confusable group
     noise: float = field(default=1.0, metadata=at_least(0))  # synthetic: standard deviation of the pixel noise (how hard the classes are to tell apart)
-    image_size: int = field(default=28, metadata=at_least(4))  # glyphs, synthetic, omniglot, imagefolder
+    image_size: int = field(default=28, metadata=at_least(4))  # glyphs, synthetic, omniglot; imagefolder: the side
+    #   of the square crop the net sees
+    train_transform: Literal["crop_flip", "none"] = field(default="crop_flip", metadata={"neutral": "crop_flip"})
+    #   imagefolder: training images through a random resized crop and a horizontal flip, or the evaluation
+    #   transform (resize the short side, centre crop)
+    channels: Literal[1, 3] = field(default=3, metadata={"neutral": 3})  # imagefolder: grey or RGB (every image is converted)
+    workers: int = field(default=2, metadata={"hashed": False, **at_least(0)})  # imagefolder: DataLoader processes that
+    #   decode images (0: in the training process); not part of any result
+    bad_images: Literal["error", "skip"] = field(default="error", metadata={"neutral": "error"})  # imagefolder: a file
+    #   that is not a readable image stops the run naming it, or is left out (checked once, counted in a warning)
     val_fraction: float = field(default=0.1, metadata=between(0, 1, low_open=True, high_open=True))  # held out
     layout: Literal["auto", "NHW", "NHWC", "NCHW"] = field(default="auto", metadata={"neutral": "auto"})
     #   how 4-D images are laid out (npz); auto: channels are the axis of size 1, 3 or 4, an error where both could be
@@ -208,8 +217,11 @@ class LaunchConfig:
     backend: Literal["inline", "ray"] = "ray"  # inline: one after another in this process
     address: str | None = None  # an existing Ray cluster; null: $RAY_ADDRESS if set, else start a local one
     num_cpus: float = field(default=1.0, metadata=at_least(0))  # per task; torch in the task uses this many threads
-    num_gpus: float = field(default=0.0, metadata={"valid": (lambda v: 0 <= v <= 1 or v == int(v),
-                                                             "in [0, 1] or a whole number")})  # per task; fractions let several tasks share a GPU
+    num_gpus: float | None = field(default=None, metadata={"valid": (lambda v: 0 <= v <= 1 or v == int(v),
+                                                                    "in [0, 1] or a whole number")})  # per task; fractions let several
+    #   tasks share a GPU; null: one per task when the Ray cluster has GPUs (or can add nodes with them), else 0
+    resource_timeout: float = field(default=600.0, metadata=at_least(0))  # seconds to wait for an autoscaling
+    #   cluster to add a node that can run a task; a cluster that cannot scale fails at once
     max_retries: int = field(default=3, metadata=at_least(0))  # how often a task whose worker died is started again (it resumes from its checkpoint)
 
 
@@ -288,7 +300,8 @@ def config_hash(*parts: Any) -> str:
     """A stable hash of config sections (dataclasses or plain values). A field at its `neutral` value
     (field metadata: the value that does what the code did before the field existed) is left out, so
     that adding an option leaves the runs made before it done; so is a file path marked `by_content`,
-    whose file's contents the stage hashes instead (a moved file is the same input)."""
+    whose file's contents the stage hashes instead (a moved file is the same input), and a field marked
+    `hashed: False`, which changes how a result is computed, never the result."""
     plain = json.dumps(parts, sort_keys=True, default=lambda o: _hashed(o) if dataclasses.is_dataclass(o) else str(o))
     return hashlib.sha256(plain.encode()).hexdigest()[:16]
 
@@ -297,7 +310,7 @@ def _hashed(section: Any) -> dict:
     """A dataclass's fields for its hash, those at their neutral value left out."""
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
             if not ("neutral" in f.metadata and getattr(section, f.name) == f.metadata["neutral"])
-            and not f.metadata.get("by_content")}
+            and not f.metadata.get("by_content") and f.metadata.get("hashed", True)}
 
 
 def from_dict(cls: type, raw: dict, prefix: str = "") -> Any:

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .data import Images, image_batches
+
 
 def parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
@@ -22,10 +24,15 @@ def multiply_adds(net: nn.Module, input_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def timed_predictions(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+def timed_predictions(predict: Callable[[torch.Tensor], torch.Tensor], x: Images,
                       batch_size: int) -> tuple[torch.Tensor, float]:
-    """predict() over `x` batch by batch, and the examples per second it ran at (after one warm-up batch)."""
-    predict(x[:batch_size])
-    start = time.perf_counter()
-    out = torch.cat([predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    return out, len(x) / (time.perf_counter() - start)
+    """predict() over `x` batch by batch, and the examples per second predict() ran at, after one warm-up
+    batch (reading and decoding the images is not timed: it costs every system the same)."""
+    out, seconds = [], 0.0
+    for i, xb in enumerate(image_batches(x, batch_size)):
+        if i == 0:
+            predict(xb)
+        start = time.perf_counter()
+        out.append(predict(xb))
+        seconds += time.perf_counter() - start
+    return torch.cat(out), len(x) / seconds

@@ -8,18 +8,27 @@ its result to the driver, which calls `on_done(job, result)` to write it into th
 launcher restarts a task whose worker or node died, up to `launch.max_retries` times, from its last
 checkpoint. A task trains in a `task_folder`, which resumes from the checkpoint and hands each new one
 to the store.
+
+On Ray each task asks for `launch.num_cpus` CPUs and `launch.num_gpus` GPUs (null: one when the cluster
+has GPUs or its autoscaler can add nodes with them). When no node can run a task, a cluster that can
+scale is asked for one and given `launch.resource_timeout` seconds; one that cannot is an error at once.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import os
+import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -52,6 +61,7 @@ def run_tasks(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConf
     own costs: seconds to start or join Ray, seconds to put `shared` in the object store, and the time
     the tasks were submitted."""
     if launch.backend == "inline":
+        print(f"{desc}: {_count(len(jobs), 'task')} inline in this process on {device}", flush=True)
         store = CheckpointStore(checkpoints)
         submitted = time.time()
         with tqdm(total=len(jobs), desc=desc, unit="task", file=sys.stderr, disable=None) as bar:
@@ -62,7 +72,7 @@ def run_tasks(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConf
     t0 = time.perf_counter()
     with ray_session(launch):
         startup = time.perf_counter() - t0
-        costs = _run_ray(fn, jobs, shared, launch, on_done, checkpoints, desc)
+        costs = _run_ray(fn, jobs, shared, launch, on_done, checkpoints, desc, device)
     return {"backend": "ray", "startup_seconds": startup, **costs}
 
 
@@ -129,35 +139,186 @@ def _init_on_loopback() -> None:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
+def fits(nodes: list[dict], num_cpus: float, num_gpus: float) -> bool:
+    """Whether an alive node of the cluster (`ray.nodes()`) has the CPUs and GPUs one task asks for."""
+    return any(n["Resources"].get("CPU", 0) >= num_cpus and n["Resources"].get("GPU", 0) >= num_gpus
+               for n in nodes if n.get("Alive"))
+
+
 def check_resources(nodes: list[dict], num_cpus: float, num_gpus: float) -> None:
     """Raise if no alive node of the cluster (`ray.nodes()`) has the CPUs and GPUs one task asks for:
     Ray would wait for such a node for ever."""
+    if not fits(nodes, num_cpus, num_gpus):
+        raise ValueError(f"{_no_node(num_cpus, num_gpus)}; its nodes have: {_have(nodes)}")
+
+
+def wait_for_node(nodes: Callable[[], list[dict]], num_cpus: float, num_gpus: float, timeout: float, *,
+                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                  every: float = 2.0) -> None:
+    """Ask `nodes()` every `every` seconds until an alive node can run a task, for an autoscaler adding
+    one; raise if none can after `timeout` seconds."""
+    deadline = clock() + timeout
+    while not fits(current := nodes(), num_cpus, num_gpus):
+        if clock() >= deadline:
+            raise ValueError(f"{_no_node(num_cpus, num_gpus)}, and the autoscaler added none in {timeout:g} s "
+                             f"(launch.resource_timeout); its nodes have: {_have(current)}")
+        sleep(min(every, max(0.0, deadline - clock())))
+
+
+def _no_node(num_cpus: float, num_gpus: float) -> str:
+    """The start of the error for a task no node can run, naming the keys that ask for too much."""
+    return (f"no node of the Ray cluster can run a task that asks for {num_cpus:g} CPUs and {num_gpus:g} GPUs "
+            "(launch.num_cpus, launch.num_gpus)")
+
+
+def _have(nodes: list[dict]) -> str:
+    """What the alive nodes have, for an error that says why none fits."""
     alive = [n["Resources"] for n in nodes if n.get("Alive")]
-    if any(r.get("CPU", 0) >= num_cpus and r.get("GPU", 0) >= num_gpus for r in alive):
-        return
-    have = ", ".join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in alive) or "no alive nodes"
-    raise ValueError(f"no node of the Ray cluster can run a task that asks for {num_cpus:g} CPUs and "
-                     f"{num_gpus:g} GPUs (launch.num_cpus, launch.num_gpus); its nodes have: {have}")
+    return ", ".join(f"{r.get('CPU', 0):g} CPUs and {r.get('GPU', 0):g} GPUs" for r in alive) or "no alive nodes"
+
+
+class Scaling(NamedTuple):
+    """What the autoscaler of a Ray cluster can do: add nodes at all, and add nodes that have GPUs."""
+
+    can_add_nodes: bool
+    adds_gpus: bool
+
+
+READ_ONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]+")  # Ray's name for a node no cluster config describes
+
+
+def scaling_of(node_groups: list[dict] | None, node_types: Iterable[str]) -> Scaling:
+    """A cluster's `Scaling`, from the node groups its autoscaler published (`resources`, `min_count`,
+    `max_count`, -1 for no limit; None where it published none) or else from the node types its status
+    names: those of a cluster config (`ray up`, KubeRay's autoscaler) can grow, the read-only `node_<id>`
+    types Ray gives the nodes of a cluster without one (`ray start`, `ray.init`) cannot, and which of a
+    config's types have GPUs the status does not say."""
+    if node_groups is not None:
+        growing = [g for g in node_groups
+                   if g["resources"] and (g["max_count"] == -1 or g["max_count"] > g["min_count"])]
+        return Scaling(bool(growing), any(g["resources"].get("GPU", 0) > 0 for g in growing))
+    return Scaling(any(t and not READ_ONLY_NODE_TYPE.fullmatch(t) for t in node_types), False)
+
+
+def cluster_scaling() -> Scaling:
+    """The connected Ray cluster's `Scaling`, from what its autoscaler keeps in the GCS: the node groups
+    of its cluster config where it publishes them (`ray._private.state.state.get_cluster_config()`, read
+    by Ray Data the same way), else the node types of the status `ray status` shows."""
+    import ray
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None:
+        groups = [{"resources": dict(g.resources), "min_count": g.min_count, "max_count": g.max_count}
+                  for g in config.node_group_configs]
+        return scaling_of(groups, [])
+    return scaling_of(None, _autoscaler_node_types())
+
+
+def _autoscaler_node_types() -> list[str]:
+    """The node types in the autoscaler's status (autoscaler v2: the GCS's cluster status; v1: the
+    monitor's report in the GCS's key-value store); none before its first report."""
+    import ray
+    from ray._private import ray_constants
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if is_autoscaler_v2(fetch_from_server=True):
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        nodes = status.active_nodes + status.idle_nodes + status.pending_nodes + status.failed_nodes
+        launches = status.pending_launches + status.failed_launches
+        return [n.ray_node_type_name for n in nodes] + [launch.ray_node_type_name for launch in launches]
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(raw).get("autoscaler_report") if raw else None) or {}
+    return [*(report.get("active_nodes") or {}), *(report.get("pending_launches") or {}),
+            *(report.get("node_type_mapping") or {}).values()]
+
+
+def resolve_num_gpus(num_gpus: float | None, *, cpu_chosen: bool, gpu_node: bool, adds_gpus: bool) -> float:
+    """GPUs per task: `launch.num_gpus` if set; else none where the driver chose the CPU with CUDA at
+    hand (`device: cpu`), one where a node can run a task with a GPU or the autoscaler can add nodes with
+    GPUs, none otherwise."""
+    if num_gpus is not None:
+        return num_gpus
+    return 1.0 if not cpu_chosen and (gpu_node or adds_gpus) else 0.0
+
+
+def _scaling() -> Scaling:
+    """`cluster_scaling()`, or a cluster that cannot scale where Ray's internal state cannot be read
+    (another Ray version, a client connection): a warning, and the errors of a fixed cluster."""
+    try:
+        return cluster_scaling()
+    except Exception as e:  # noqa: BLE001 (private Ray APIs: any failure means "unknown")
+        print(f"warning: cannot tell whether the Ray cluster can add nodes ({one_line(e)}): taken as fixed",
+              file=sys.stderr, flush=True)
+        return Scaling(False, False)
+
+
+def _count(n: float, unit: str) -> str:
+    """`n` units in words: 1 GPU, 0.5 GPU, 2 GPUs."""
+    return f"{n:g} {unit}{'' if 0 < n <= 1 else 's'}"
+
+
+def _place(launch: LaunchConfig, tasks: int, desc: str, device: torch.device) -> float:
+    """The GPUs per task; says where the tasks run, and sees that a node can run one: one there is, one
+    the autoscaler adds within `launch.resource_timeout`, or an error at once where it can add none. The
+    autoscaler's state is read only where no node would do."""
+    import ray
+
+    total, nodes = ray.cluster_resources(), ray.nodes()
+    cpus, scaling = launch.num_cpus, None
+    cpu_chosen = device.type == "cpu" and torch.cuda.is_available()
+    gpu_node = fits(nodes, cpus, 1)
+    if launch.num_gpus is None and not cpu_chosen and not gpu_node:
+        scaling = _scaling()
+    gpus = resolve_num_gpus(launch.num_gpus, cpu_chosen=cpu_chosen, gpu_node=gpu_node,
+                            adds_gpus=scaling is not None and scaling.adds_gpus)
+    if tasks and not fits(nodes, cpus, gpus) and scaling is None:
+        scaling = _scaling()
+    cluster = (f"{_count(sum(bool(n.get('Alive')) for n in nodes), 'node')}, {_count(total.get('CPU', 0), 'CPU')}, "
+               f"{_count(total.get('GPU', 0), 'GPU')}" + ("; it can add nodes" if scaling and scaling.can_add_nodes else ""))
+    if gpus:
+        each = f"{_count(cpus, 'CPU')} and {_count(gpus, 'GPU')}"
+    else:
+        why = ("launch.num_gpus: 0" if launch.num_gpus is not None else "device: cpu" if cpu_chosen
+               else "no node has a GPU for them")
+        each = f"{_count(cpus, 'CPU')}, on the CPU ({why})"
+    print(f"{desc}: {_count(tasks, 'task')} on Ray ({cluster}), each with {each}", flush=True)
+    if not tasks or fits(nodes, cpus, gpus):
+        return gpus
+    if not scaling.can_add_nodes:
+        check_resources(nodes, cpus, gpus)
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"CPU": cpus, "GPU": gpus}])
+    print(f"{desc}: waiting up to {launch.resource_timeout:g} s for the autoscaler to add a node with "
+          f"{_count(cpus, 'CPU')} and {_count(gpus, 'GPU')} (launch.resource_timeout)", flush=True)
+    try:
+        wait_for_node(ray.nodes, cpus, gpus, launch.resource_timeout)
+    finally:
+        request_resources(bundles=[])  # the tasks' own demand keeps the node; the cluster may shrink after them
+    return gpus
 
 
 def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfig, on_done: OnDone,
-             checkpoints: Path, desc: str) -> dict:
+             checkpoints: Path, desc: str, device: torch.device) -> dict:
     import ray
     from ray.exceptions import RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    check_resources(ray.nodes(), launch.num_cpus, launch.num_gpus)
+    num_gpus = _place(launch, len(jobs), desc, device)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     store = ray.remote(CheckpointStore).options(
         name=store_name(checkpoints), num_cpus=0, scheduling_strategy=here).remote(checkpoints)
     local = CheckpointStore(checkpoints)  # the same folder, read by the driver
     t0 = time.perf_counter()
-    shared_refs = [ray.put(x) for x in shared]  # once, whatever the number of tasks
+    shared_refs = [ray.put(to_shared(x)) for x in shared]  # once, whatever the number of tasks
     transfer = time.perf_counter() - t0
     task = ray.remote(_ray_task)
 
     def submit(job: Job):
-        return task.options(name=f"{desc} {job.name}", num_cpus=launch.num_cpus, num_gpus=launch.num_gpus,
+        return task.options(name=f"{desc} {job.name}", num_cpus=launch.num_cpus, num_gpus=num_gpus,
                             max_retries=0).remote(fn, job, local.load(job.name), _ActorStore(store),
                                                   launch.num_cpus, *shared_refs)
 
@@ -280,6 +441,44 @@ def store_name(checkpoints: Path) -> str:
     return f"checkpoints:{Path(checkpoints).resolve()}"
 
 
+@dataclass(frozen=True)
+class _Arrays:
+    """A dataclass instance whose tensor fields `names` are numpy arrays, as `to_shared` made it."""
+
+    value: Any
+    names: tuple[str, ...]
+
+
+def to_shared(value: Any) -> Any:
+    """`value` as it goes to Ray's object store: a dataclass instance's tensor fields as numpy arrays
+    (views of the same memory), anything else as it is. Ray's workers read numpy arrays in place from
+    their node's shared object store, one copy for every task on the node, where each task would get its
+    own copy of a tensor."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return value
+    names = tuple(f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor))
+    if not names:
+        return value
+    arrays = copy.copy(value)
+    for name in names:
+        object.__setattr__(arrays, name, getattr(value, name).numpy())
+    return _Arrays(arrays, names)
+
+
+def from_shared(value: Any) -> Any:
+    """What `to_shared` gave, with its tensors back as views of the arrays' memory: in a Ray task, the
+    object store's read-only pages, shared by every task on the node, so nothing may write those tensors
+    in place (torch cannot mark a tensor read-only; training reads its images into new float tensors)."""
+    if not isinstance(value, _Arrays):
+        return value
+    tensors = copy.copy(value.value)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        for name in value.names:
+            object.__setattr__(tensors, name, torch.from_numpy(getattr(value.value, name)))
+    return tensors
+
+
 class _ActorStore:
     """The `CheckpointStore.save` of a Ray actor, for the tasks: sent without waiting for it."""
 
@@ -293,7 +492,8 @@ class _ActorStore:
 def _ray_task(fn: TaskFn, job: Job, checkpoint: bytes | None, store: _ActorStore, num_cpus: float,
               *shared: Any) -> Any:
     """Inside a Ray worker: as many torch threads as CPUs reserved; the GPU Ray assigned, if any (a
-    logical GPU on a machine without CUDA leaves the task on the CPU, and says so)."""
+    logical GPU on a machine without CUDA leaves the task on the CPU, and says so); the shared inputs'
+    tensors read in place from the node's object store (`from_shared`)."""
     import ray
 
     set_up_process(threads=max(1, int(num_cpus)))
@@ -301,4 +501,4 @@ def _ray_task(fn: TaskFn, job: Job, checkpoint: bytes | None, store: _ActorStore
     device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
     if gpus and device.type == "cpu":
         print(f"{job.name}: Ray assigned GPU {gpus} but CUDA is not available here: training on the CPU", flush=True)
-    return fn(job, checkpoint, store, device, *shared)
+    return fn(job, checkpoint, store, device, *(from_shared(x) for x in shared))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import DataConfig, NetConfig
-from .data import load_data
+from .data import Images, channel_stats, image_batches, load_data
 from .rundir import load_tensors
 
 BUILT_IN = ("mlp", "cnn", "resnet")
@@ -56,11 +56,12 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-    def set_input_stats(self, images: torch.Tensor) -> None:
-        """Set the normalisation from uint8 training images (N, C, H, W)."""
-        x = images.float().div_(255)
-        self.input_mean.copy_(x.mean(dim=(0, 2, 3), keepdim=True))
-        self.input_std.copy_(x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3))
+    def set_input_stats(self, images: Images) -> None:
+        """Set the normalisation from uint8 training images (N, C, H, W): all of them in memory, a
+        sample of a streamed set (`channel_stats`)."""
+        mean, std = channel_stats(images)
+        self.input_mean.copy_(mean)
+        self.input_std.copy_(std.clamp_min(1e-3))
 
 
 def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, key: str = "net") -> Net:
@@ -258,7 +259,7 @@ def load_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int
     return net
 
 
-def start_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, images: torch.Tensor,
+def start_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, images: Images,
               key: str = "net") -> Net:
     """A net to train: `cfg` freshly built, its input normalisation set from the uint8 training `images`,
     started from `cfg.weights` if given (a file, or `torchvision`: the builder's default pretrained
@@ -280,7 +281,7 @@ def check_net(cfg: NetConfig, key: str, data: DataConfig) -> None:
     if cfg.name in BUILT_IN and cfg.weights is None:
         return
     loaded = load_data(data)
-    images, num_classes = loaded.x_train[:2], loaded.num_classes
+    images, num_classes = next(image_batches(loaded.x_train, 2)), loaded.num_classes
     net = start_net(cfg, loaded.input_shape, num_classes, images, key).train()
     try:
         out = net(images.float() / 255)

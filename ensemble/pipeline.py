@@ -28,7 +28,7 @@ import specialists
 
 from .config import Config, config_hash, to_dict
 from .data import check as check_data
-from .data import data_fingerprint
+from .data import data_fingerprint, fingerprints_held, load_data
 from .launch import held_sessions, set_up_process
 from .layout import STAGE_NAMES, RunDir
 from .rundir import Manifest, file_hash, output_hashes, write_run_files
@@ -107,7 +107,9 @@ def run_pipeline(cfg: Config, only: str | None = None) -> dict[str, dict]:
     write_run_files(run_dir, to_dict(cfg))
     manifest = Manifest(run_dir)
     summaries = {}
-    with held_sessions():  # the stages that use Ray share one cluster
+    if cfg.data.download:
+        load_data(cfg.data)  # fetched before the data's fingerprint lists its files
+    with held_sessions(), fingerprints_held():  # the stages that use Ray share one cluster
         for stage in stages:
             for up in stage.after:
                 if state(stage_named(up), cfg, manifest) != "done":

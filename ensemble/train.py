@@ -1,6 +1,6 @@
 """The one training loop, used by every stage that trains a network.
 
-`fit` trains a model on in-memory uint8 images, resuming from `<workdir>/checkpoint.pt` when one is
+`fit` trains a model on uint8 images, in memory or streamed, resuming from `<workdir>/checkpoint.pt` when one is
 there: the checkpoint, written atomically after each epoch, holds the model, optimiser, LR schedule,
 grad scaler, every RNG state, the epoch and the metric history, so a run killed at any moment and
 started again ends with the same weights as one never interrupted. Progress: a tqdm bar with live
@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_hash
+from .data import Images, image_batches
 from .layout import CHECKPOINT, HISTORY
 from .metrics import classification_sums
 from .nets import is_conv
@@ -43,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
 
 def fit(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Images,
     targets: Targets,
     cfg: TrainConfig,
     workdir: Path,
@@ -52,15 +53,17 @@ def fit(
     device: torch.device,
     loss_fn: LossFn | None = None,
     sampler: Sampler | None = None,
-    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    val: tuple[Images, torch.Tensor] | None = None,
     desc: str = "train",
     on_epoch: Callable[[list[dict]], None] | None = None,
+    clean_images: bool = False,
 ) -> list[dict]:
-    """Train `model` on uint8 images `x` (N, C, H, W) against `targets`: class ids (N,), soft
+    """Train `model` on uint8 images `x` (N, C, H, W), in memory or streamed, against `targets`: class ids (N,), soft
     targets (N, K), or a tuple of per-example tensors that `loss_fn` takes apart (train accuracy is
     measured against the first). Returns the per-epoch metrics, also written to
     `<workdir>/metrics.jsonl`. `on_epoch(history)` runs after each epoch's checkpoint is written (to
-    copy it elsewhere)."""
+    copy it elsewhere). Streamed images go through `data.train_transform`'s random crops, unless
+    `clean_images`: for targets computed on the images as evaluation sees them (soft targets)."""
     parts = targets if isinstance(targets, tuple) else (targets,)
     if any(len(t) != len(x) for t in parts):
         raise ValueError(f"{len(x)} images but {[len(t) for t in parts]} targets")
@@ -77,7 +80,7 @@ def fit(
     steps_per_epoch = max(1, len(sampler(torch.Generator().manual_seed(0))) // cfg.batch_size)
     optimizer = _optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
-    autocast, scaler = _amp(device, cfg)
+    autocast, scaler = _amp(device, cfg.amp)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
@@ -94,11 +97,12 @@ def fit(
         seen = 0
         bar = tqdm(total=n_steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None,
                    file=sys.stderr, dynamic_ncols=True)
-        for step in range(n_steps):
+        pin = device.type == "cuda"
+        images = image_batches(x, cfg.batch_size, order=order, train=not clean_images, gen=gen, pin=pin)
+        for step, xb in enumerate(images):
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = _prepare(x[idx], device, memory_format)
-            xb = augment(xb, cfg.augment, gen)
-            yb = _rows(targets, idx, device)
+            xb = augment(_prepare(xb, device, memory_format), cfg.augment, gen)
+            yb = _rows(targets, idx, device, pin)
             with autocast():
                 logits = model(xb)
                 loss = loss_fn(logits.float(), yb)
@@ -110,7 +114,7 @@ def fit(
             loss_sum += loss.detach().float() * len(idx)
             correct += _correct(logits.detach(), yb)
             seen += len(idx)
-            if step % 10 == 0 or step == n_steps - 1:
+            if not bar.disable and (step % 10 == 0 or step == n_steps - 1):  # a sync, for the eyes only
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 refresh=False)
             bar.update()
@@ -137,31 +141,52 @@ def fit(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 1024,
+def predict_logits(model: nn.Module, x: Images, *, device: torch.device, batch_size: int = 1024,
                    channels_last: bool = True) -> torch.Tensor:
-    """Logits (N, K) in float32 on the CPU for uint8 images `x`, in eval mode."""
-    model.eval()
-    memory_format = torch.channels_last if channels_last and is_conv(model) else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    autocast, _ = _amp(device, None)
-    out = []
-    for start in range(0, len(x), batch_size):
-        with autocast():
-            out.append(model(_prepare(x[start:start + batch_size], device, memory_format)).float().cpu())
-    return torch.cat(out)
+    """Logits (N, K) in float32 on the CPU for uint8 images `x` (in memory or streamed), in eval mode,
+    computed in float32 (no mixed precision, no TF32): these are the probabilities the clustering, the
+    evaluation and the Combiner read, and they must agree on every device."""
+    return torch.cat(list(_logit_batches(model, x, device=device, batch_size=batch_size,
+                                         channels_last=channels_last)))
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.device,
              batch_size: int = 1024, channels_last: bool = True, prefix: str = "") -> dict[str, float]:
     """Top-1, top-5 accuracy and NLL of `model` on labelled uint8 images, batch by batch (the logits of
     the whole set are never held at once)."""
     sums: dict[str, float] = {}
-    for start in range(0, len(x), batch_size):
-        logits = predict_logits(model, x[start:start + batch_size], device=device, batch_size=batch_size,
-                                channels_last=channels_last)
-        for key, value in classification_sums(logits, y[start:start + batch_size]).items():
+    start = 0
+    for logits in _logit_batches(model, x, device=device, batch_size=batch_size, channels_last=channels_last):
+        for key, value in classification_sums(logits, y[start:start + len(logits)]).items():
             sums[key] = sums.get(key, 0) + value
+        start += len(logits)
     return {f"{prefix}{key}": value / len(y) for key, value in sums.items()}
+
+
+def _logit_batches(model: nn.Module, x: Images, *, device: torch.device, batch_size: int,
+                   channels_last: bool) -> Iterator[torch.Tensor]:
+    """The float32 CPU logits of `x`, batch by batch, in order."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last and is_conv(model) else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    with exact_float32(device):
+        for xb in image_batches(x, batch_size, pin=device.type == "cuda"):
+            yield model(_prepare(xb, device, memory_format)).float().cpu()
+
+
+@contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """float32 convolutions and matrix products on CUDA within the block, not TF32 (torch's default for
+    cuDNN): predictions that agree with the CPU's."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision = cudnn, matmul
 
 
 def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
@@ -181,19 +206,24 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
         theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + shear
         theta[:, 1, 0], theta[:, 1, 1] = sin, cos
     theta[:, :, 2] = shift
+    if x.device.type == "cuda":  # drawn on the CPU from `gen`; copied without a sync
+        theta = theta.pin_memory().to(x.device, non_blocking=True)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _prepare(x: torch.Tensor, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
-    """uint8 images -> float in [0, 1] on `device`, in `memory_format`."""
+    """uint8 images -> float in [0, 1] on `device`, in `memory_format` (a pinned batch copies without
+    blocking the host)."""
     return x.to(device, non_blocking=True).float().div_(255).contiguous(memory_format=memory_format)
 
 
-def _rows(targets: Targets, idx: torch.Tensor, device: torch.device) -> Targets:
+def _rows(targets: Targets, idx: torch.Tensor, device: torch.device, pin: bool = False) -> Targets:
+    """The targets of rows `idx` on `device`, copied from page-locked memory if `pin`."""
     if isinstance(targets, tuple):
-        return tuple(t[idx].to(device, non_blocking=True) for t in targets)
-    return targets[idx].to(device, non_blocking=True)
+        return tuple(_rows(t, idx, device, pin) for t in targets)
+    rows = targets[idx]
+    return (rows.pin_memory() if pin else rows).to(device, non_blocking=True)
 
 
 def _correct(logits: torch.Tensor, y: Targets) -> torch.Tensor:
@@ -233,9 +263,10 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]
     return factor
 
 
-def _amp(device: torch.device, cfg: TrainConfig | None):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16 with a grad scaler); off on CPU."""
-    use = device.type == "cuda" and (cfg is None or cfg.amp)
+def _amp(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA if `enabled` (bfloat16 where supported, else float16 with a grad scaler);
+    off on CPU."""
+    use = device.type == "cuda" and enabled
     dtype = torch.bfloat16 if use and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use and dtype == torch.float16)
     if not use:

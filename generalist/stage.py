@@ -10,7 +10,7 @@ import torch
 
 from ensemble.config import Config, TrainConfig
 from ensemble.cost import parameters
-from ensemble.data import Data, load_data
+from ensemble.data import Data, Images, load_data
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
 from ensemble.nets import Net, build_net, check_net, load_weights, read_weights, start_net
@@ -58,6 +58,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "parameters": parameters(net),
         "num_classes": data.num_classes,
+        "device": str(device),
         **origin,
     }
     write_json(out.metrics, metrics)
@@ -77,7 +78,7 @@ def check(cfg: Config) -> None:
 
 
 def import_generalist(cfg: Config, input_shape: tuple[int, int, int], num_classes: int,
-                      images: torch.Tensor) -> tuple[Net, bool]:
+                      images: Images) -> tuple[Net, bool]:
     """The generalist in `generalist.checkpoint`: weights for `generalist.net`, as this project saves
     them (with their input normalisation) or as the model names them (then normalised by the per-channel
     statistics of the uint8 training `images`, as a fresh net is); and whether the file held its own
@@ -104,7 +105,8 @@ def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path,
         net = build_net(cfg.generalist.net, shape, classes, "generalist.net")
         load_weights(net, start, "the generalist's weights")
     print(f"{desc}: {cfg.generalist.net.name} with {parameters(net):,} parameters on {data.num_classes} "
-          f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images, "
+          f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images"
+          f"{f' streamed from {data.x_train.root}' if data.streamed else ''}, "
           f"{train.epochs} epochs{' from the imported generalist' if start is not None else ''}, device {device}",
           flush=True)
     history = fit(net, data.x_train, data.y_train, train, workdir, seed=cfg.seed, device=device,

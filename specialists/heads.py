@@ -206,6 +206,7 @@ class _Head:
 
     subset: torch.Tensor
     hidden: int
+    soft_targets = False  # whether its targets include the generalist's predictions on the clean images
 
     def load(self, cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int,
              weights: Path | dict[str, torch.Tensor]) -> nn.Module:
@@ -264,6 +265,8 @@ class DustbinHead(_Head):
 class FullSoftmaxHead(_Head):
     """§6.1: the generalist's whole softmax, its classes outside S trained towards the generalist's soft
     targets while those of S learn from the labels; seen through `FullSoftmax` as S plus a dustbin."""
+
+    soft_targets = True
 
     def outputs(self, num_classes: int) -> int:
         return num_classes

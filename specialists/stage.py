@@ -50,8 +50,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     jobs = [Job(m, tuple(s)) for m, s in enumerate(subsets)]
     todo = [job for job in jobs if trained_metrics(paths.specialist(job.index), f"specialist {job.name}") is None]
     todo.sort(key=lambda job: -len(job.classes))  # largest first, so the last to finish are short
-    print(f"specialists: {len(jobs)} subsets; {len(jobs) - len(todo)} trained in an earlier run, training "
-          f"{len(todo)} with the {cfg.launch.backend} backend", flush=True)
+    print(f"specialists: {len(jobs)} subsets; {len(jobs) - len(todo)} trained in an earlier run", flush=True)
     started = time.time()
     launch = run_tasks(train_specialist, todo, (generalist_state, data, cfg), cfg.launch,
                        lambda job, result: _save(paths.specialist(job.index), result), checkpoints=out,

@@ -55,6 +55,7 @@ def train_specialist(job: Job, checkpoint: bytes | None, store: Store, device: t
     its conditional top-1 on the subset's validation examples above its start's (which equals the
     generalist's) returns its start, uncorrected: it was never trained on the shifted class mix."""
     started = time.time()
+    data.check_readable()
     seed = cfg.seed * 100_003 + job.index
     torch.manual_seed(seed)
     spec = cfg.specialists
@@ -75,7 +76,8 @@ def train_specialist(job: Job, checkpoint: bytes | None, store: Store, device: t
     sampler = subset_sampler(in_subset, spec.train.batch_size, spec.in_subset_fraction)
     with task_folder(job.name, checkpoint, store) as folder:
         history = fit(net, x, targets, spec.train, folder.folder, seed=seed, device=device, sampler=sampler,
-                      loss_fn=loss_fn, desc=f"specialist {job.name}", on_epoch=folder.on_epoch)
+                      loss_fn=loss_fn, desc=f"specialist {job.name}", on_epoch=folder.on_epoch,
+                      clean_images=head.soft_targets)
     trained = head.view(net)
 
     pi, rho = in_subset.float().mean().item(), spec.in_subset_fraction

@@ -17,3 +17,25 @@ def test_bench_script_imports(script, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     assert script == "common.py" or callable(module.main)
+
+
+def test_the_gpu_check_says_there_is_no_gpu_and_passes_its_checks_on_the_cpu(monkeypatch, tmp_path, capsys):
+    """bench/gpu_check.py: without CUDA it exits 0 saying so; `--device cpu` runs its pipeline on a
+    streamed folder and every check, expecting the CPU."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+    import gpu_check
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)  # as here, also on a GPU machine
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    assert gpu_check.main() == 0 and "no CUDA GPU on this machine" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--classes", "4", "--per-class", "12",
+                                      "--image-size", "16", "--workers", "1", "--epochs", "1",
+                                      "--batch-size", "8"])
+    assert gpu_check.main() == 0
+    import json
+
+    checks = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
+    assert len(checks) == 7 and all(row["ok"] for row in checks)
+    assert "all checks passed" in capsys.readouterr().out

@@ -130,22 +130,6 @@ def test_generated_sets_are_cached(tmp_path):
     assert np.array_equal(load_source(cfg).x_train, first.x_train)
 
 
-def test_torchvision_backed_source_through_load_data(tmp_path):
-    from PIL import Image
-
-    for split, n in (("train", 4), ("test", 2)):
-        for c, colour in enumerate(((255, 0, 0), (0, 0, 255))):
-            folder = tmp_path / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (20, 12), colour).save(folder / f"{i}.png")
-    data = load_data(DataConfig(source="imagefolder", path=str(tmp_path), image_size=8, val_fraction=0.5))
-    assert data.x_train.shape == (4, 3, 8, 8) and data.x_test.shape == (4, 3, 8, 8)
-    assert data.class_names == ["class0", "class1"]
-    red = data.x_test[data.y_test == 0]
-    assert (red[:, 0] == 255).all() and (red[:, 2] == 0).all()  # channels first, colours kept
-
-
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_npz_images_channels_last_or_first_are_read_right(tmp_path, layout):
     """Issue 21: (N, C, H, W) images were read as (N, H, W, C)."""

@@ -1,7 +1,6 @@
 """Tests for the torchvision-backed loaders, on tiny fake data sets in torchvision's on-disk layouts."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ensemble.data import torchvision_sets
-from ensemble.data.torchvision_sets import cifar100, emnist, imagefolder, omniglot
+from ensemble.data.torchvision_sets import cifar100, emnist, omniglot
 
 
 # --- EMNIST: uncompressed idx-ubyte files in root/EMNIST/raw, images stored transposed ---
@@ -209,63 +208,3 @@ def test_cifar100_download_fetches_the_binary_archive(
     cifar100(str(tmp_path), download=True)
     cifar100(str(tmp_path), download=True)  # files present: no second download
     assert calls == [(torchvision_sets.CIFAR100_URL, str(tmp_path), "03b5dce01913d631647c71ecec9e9cb8")]
-
-
-# --- ImageFolder: root/{train,test}/<class>/<image> ---
-
-def _write_image(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
-    """Write a solid-colour RGB image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, colour).save(path)
-
-
-def _write_folder_tree(root: Path) -> None:
-    """Train with classes cat and dog in mixed sizes and formats; test with dog only."""
-    _write_image(root / "train" / "cat" / "a.png", (40, 30), (255, 0, 0))
-    _write_image(root / "train" / "cat" / "b.jpg", (8, 8), (255, 0, 0))
-    _write_image(root / "train" / "dog" / "c.png", (16, 16), (0, 0, 255))
-    (root / "train" / "dog" / "notes.txt").write_text("not an image")
-    _write_image(root / "test" / "dog" / "d.png", (50, 50), (0, 0, 255))
-
-
-def test_imagefolder_rgb(tmp_path: Path) -> None:
-    _write_folder_tree(tmp_path)
-    source = imagefolder(str(tmp_path), image_size=12)
-    assert source.class_names == ["cat", "dog"]
-    assert source.x_train.shape == (3, 12, 12, 3) and source.x_test.shape == (1, 12, 12, 3)
-    assert source.x_train.dtype == np.uint8 and source.y_train.dtype == np.int64
-    np.testing.assert_array_equal(source.y_train, [0, 0, 1])
-    np.testing.assert_array_equal(source.y_test, [1])  # the train index of dog
-    assert np.all(source.x_test[0] == [0, 0, 255])
-    assert source.class_groups is None and source.group_names is None
-
-
-def test_imagefolder_grayscale(tmp_path: Path) -> None:
-    _write_folder_tree(tmp_path)
-    source = imagefolder(str(tmp_path), image_size=6, grayscale=True)
-    assert source.x_train.shape == (3, 6, 6) and source.x_test.shape == (1, 6, 6)
-
-
-def test_imagefolder_unknown_test_class_is_rejected(tmp_path: Path) -> None:
-    _write_folder_tree(tmp_path)
-    _write_image(tmp_path / "test" / "emu" / "e.png", (8, 8), (0, 255, 0))
-    with pytest.raises(ValueError, match="emu"):
-        imagefolder(str(tmp_path))
-
-
-def test_imagefolder_missing_split_is_a_clear_error(tmp_path: Path) -> None:
-    _write_image(tmp_path / "train" / "cat" / "a.png", (8, 8), (255, 0, 0))
-    with pytest.raises(FileNotFoundError, match=r"test.*train,test"):
-        imagefolder(str(tmp_path))
-
-
-def test_imagefolder_missing_root_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=os.path.join("nowhere", "train")):
-        imagefolder(str(tmp_path / "nowhere"))
-
-
-def test_imagefolder_unreadable_image_is_a_value_error(tmp_path: Path) -> None:
-    _write_folder_tree(tmp_path)
-    (tmp_path / "test" / "dog" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="broken.png"):
-        imagefolder(str(tmp_path))

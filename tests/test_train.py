@@ -127,3 +127,25 @@ def test_augment_shift_moves_images_and_none_is_identity():
         assert out.shape == x.shape
         assert not torch.allclose(out, x)
         assert out.sum(dim=(1, 2, 3)).sub(64).abs().max() < 16  # ink is moved (and scaled), not lost
+
+
+def test_predictions_are_float32_without_mixed_precision_or_tf32(monkeypatch):
+    """Issue 23: predictions ran under bf16 autocast on CUDA even with amp off; they feed the clustering,
+    the evaluation and the Combiner, which must agree with each other on every device."""
+    import ensemble.train as train
+
+    monkeypatch.setattr(train, "_amp", lambda *a: pytest.fail("predictions asked for mixed precision"))
+    entered = []
+    exact = train.exact_float32
+    monkeypatch.setattr(train, "exact_float32", lambda device: entered.append(device) or exact(device))
+    x, _ = _problem(n=8)
+    assert train.predict_logits(_net(), x, device=CPU).dtype == torch.float32
+    assert entered == [CPU]
+    monkeypatch.undo()
+    autocast, scaler = train._amp(torch.device("cuda"), False)  # training with amp off on a GPU: plain float32
+    assert not scaler.is_enabled() and not isinstance(autocast(), torch.autocast)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.conv.fp32_precision, matmul.fp32_precision)
+    with train.exact_float32(torch.device("cuda")):  # no TF32 in convolutions or matrix products
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision) == ("ieee",) * 3
+    assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == before

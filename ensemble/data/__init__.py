@@ -2,11 +2,15 @@
 
 `load_data(cfg)` asks the configured source for a `Source`, checks it (one clear error per problem),
 caches generated sets on disk, and carves a stratified, seeded validation split from the training data.
+Small sets are uint8 tensors in memory; an image folder is an index of files streamed from disk
+(`stream.ImageFiles`). Stages read either through `image_batches`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,20 +20,35 @@ from sklearn.model_selection import train_test_split
 
 from ..config import DataConfig, config_hash
 from ..rundir import atomic_path, file_hash
+from . import stream
 from .source import Source
+from .stream import ImageFiles, Images, image_batches
 
-__all__ = ["Data", "Source", "load_data", "load_source", "validate_source", "data_fingerprint"]
+__all__ = [
+    "Data",
+    "ImageFiles",
+    "Images",
+    "Source",
+    "channel_stats",
+    "data_fingerprint",
+    "fingerprints_held",
+    "image_batches",
+    "load_data",
+    "load_source",
+    "validate_source",
+]
 
 
 @dataclass
 class Data:
-    """A data set ready for training: uint8 images (N, C, H, W) and int64 labels per split."""
+    """A data set ready for training: per split uint8 images (N, C, H, W), in memory or streamed from
+    files, and int64 labels."""
 
-    x_train: torch.Tensor
+    x_train: Images
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: Images
     y_val: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Images
     y_test: torch.Tensor
     class_names: list[str]
     class_groups: torch.Tensor | None = None
@@ -43,6 +62,16 @@ class Data:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x_train, ImageFiles)
+
+    def check_readable(self) -> None:
+        """For a streamed set, a one-line error where this process cannot read its images (a Ray worker on
+        a node that does not see the folder)."""
+        if self.streamed:
+            stream.check_readable(self.x_train)
+
 
 CHANNELS = (1, 3, 4)  # the channel counts `data.layout=auto` recognises: grey, RGB, RGBA
 _loaded: dict = {}  # the data set this process loaded last, and what identified it
@@ -52,7 +81,7 @@ def load_data(cfg: DataConfig) -> Data:
     """The configured data set, checked, with its validation split carved from the training data. The
     last one loaded is kept for the next call with the same config, cache and file (every stage of a
     run loads it; callers only read it)."""
-    key = (config_hash(cfg), str(cache_dir()), _stamp(cfg.path))
+    key = (config_hash(cfg), cfg.workers, str(cache_dir()), _stamp(cfg.path))
     if _loaded.get("key") != key:
         _loaded.update(key=key, data=_load(cfg))
     return _loaded["data"]
@@ -67,16 +96,11 @@ def _stamp(path: str | None) -> tuple | None:
 
 
 def _load(cfg: DataConfig) -> Data:
+    if cfg.source == "imagefolder":
+        return _load_folder(cfg)
     src = load_source(cfg)
     validate_source(src, name=cfg.source, missing_classes=cfg.missing_classes)
-    idx = np.arange(len(src.y_train))
-    try:
-        tr, va = train_test_split(
-            idx, test_size=cfg.val_fraction, stratify=src.y_train, random_state=cfg.seed
-        )
-    except ValueError as e:  # a class with one example, or a split too small to hold every class
-        raise ValueError(f"cannot carve a stratified validation split from {cfg.source}: {e}") from None
-    tr, va = np.sort(tr), np.sort(va)
+    tr, va = _carve(src.y_train, cfg)
     return Data(
         x_train=_images(src.x_train[tr], cfg.layout),
         y_train=_labels(src.y_train[tr]),
@@ -90,8 +114,86 @@ def _load(cfg: DataConfig) -> Data:
     )
 
 
+def _carve(y_train: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted rows of the training data that stay for training and that are held out for validation:
+    a stratified split, seeded by `data.seed`."""
+    try:
+        tr, va = train_test_split(np.arange(len(y_train)), test_size=cfg.val_fraction, stratify=y_train,
+                                  random_state=cfg.seed)
+    except ValueError as e:  # a class with one example, or a split too small to hold every class
+        raise ValueError(f"cannot carve a stratified validation split from {cfg.source}: {e}") from None
+    return np.sort(tr), np.sort(va)
+
+
+def _load_folder(cfg: DataConfig) -> Data:
+    """An image folder as an index of files (its own `val/` if it has one, else one carved from train);
+    with `data.bad_images=skip`, the files that do not decode are left out."""
+    root = cfg.path if "://" in _need_path(cfg) else os.path.abspath(cfg.path)  # Ray workers start elsewhere
+    index = stream.index_folder(root)
+    listing = stream.tree_fingerprint(root) if cfg.bad_images == "skip" else None
+
+    def split(name: str) -> tuple[ImageFiles, torch.Tensor]:
+        rel, labels = index.splits[name]
+        files = ImageFiles(root, rel, cfg.image_size, cfg.channels, cfg.train_transform, cfg.workers)
+        if cfg.bad_images == "skip":
+            ok = _readable(files, listing)
+            files, labels = files[ok], labels[ok]
+            if not ok.all():
+                print(f"warning: data: {int((~ok).sum()):,} of {len(ok):,} files in {root}/{name} are not readable "
+                      f"images and are left out (data.bad_images=skip)", file=sys.stderr, flush=True)
+        return files, torch.from_numpy(labels)
+
+    x_train, y_train = split("train")
+    x_test, y_test = split("test")
+    if len(index.class_names) < 2:
+        raise ValueError(f"{root}/train has {len(index.class_names)} class folder: needs at least 2 classes")
+    counts = Source(np.empty(0), y_train.numpy(), np.empty(0), y_test.numpy(), index.class_names)
+    _check_class_counts(counts, f"data.path {root}", cfg.missing_classes)  # classes left empty by skipped files
+    if "val" in index.splits:
+        x_val, y_val = split("val")
+    else:
+        tr, va = _carve(y_train.numpy(), cfg)
+        x_train, y_train, x_val, y_val = x_train[tr], y_train[tr], x_train[va], y_train[va]
+    return Data(x_train, y_train, x_val, y_val, x_test, y_test, index.class_names)
+
+
+def _readable(files: ImageFiles, listing: str) -> np.ndarray:
+    """Which files decode: read once, then kept in the cache under the folder's `listing` fingerprint."""
+    key = config_hash(files.root, listing, hashlib.sha256(files.files.tobytes()).hexdigest())
+    path = cache_dir() / f"imagefolder-readable-{key}.npy"
+    if path.is_file():
+        ok = np.load(path, allow_pickle=False)
+        if ok.shape == (len(files),):
+            return ok
+    ok = stream.readable_rows(files, files.workers)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, ok, allow_pickle=False)
+    return ok
+
+
+def channel_stats(x: Images, limit: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (1, C, 1, 1) of uint8 images in [0, 1] units, for a net's
+    input normalisation: over every image in memory; over `limit` evenly spaced images of a streamed set,
+    decoded as evaluation sees them and summed batch by batch (never all at once in floats)."""
+    if isinstance(x, torch.Tensor):
+        images = x.float().div_(255)
+        return images.mean(dim=(0, 2, 3), keepdim=True), images.std(dim=(0, 2, 3), keepdim=True)
+    rows = np.unique(np.linspace(0, len(x) - 1, min(limit, len(x))).round().astype(np.int64))
+    total = squares = 0.0
+    count = 0
+    for batch in image_batches(x[rows], 64):
+        pixels = batch.double().div_(255)
+        total = total + pixels.sum(dim=(0, 2, 3))
+        squares = squares + pixels.square().sum(dim=(0, 2, 3))
+        count += pixels[:, 0].numel()
+    mean = total / count
+    var = (squares - count * mean.square()) / max(1, count - 1)
+    return mean.float().reshape(1, -1, 1, 1), var.clamp_min(0).sqrt().float().reshape(1, -1, 1, 1)
+
+
 def load_source(cfg: DataConfig) -> Source:
-    """The raw `Source` of the configured data set; generated sets are cached on disk."""
+    """The raw `Source` of an in-memory data set (every source but `imagefolder`); generated sets are
+    cached on disk."""
     from . import digits, npz, synthetic, torchvision_sets
 
     s = cfg.source
@@ -115,15 +217,44 @@ def load_source(cfg: DataConfig) -> Source:
         return torchvision_sets.omniglot(_download_root(cfg), download=cfg.download, image_size=cfg.image_size)
     if s == "cifar100":
         return torchvision_sets.cifar100(_download_root(cfg), download=cfg.download)
-    if s == "imagefolder":
-        return torchvision_sets.imagefolder(_need_path(cfg), image_size=cfg.image_size)
     raise ValueError(f"unknown data source {s!r}")
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
-    """What identifies the data: its config, plus the content of the file for `npz`."""
-    content = file_hash(Path(cfg.path)) if cfg.source == "npz" and cfg.path and Path(cfg.path).is_file() else None
-    return config_hash(cfg, content)
+    """What identifies the data: its config, plus its contents where it is read from disk: the hash of an
+    `npz` file; for a folder (an image folder, a torchvision-backed set's root) every file's path, size and
+    modification time. Within `fingerprints_held` each folder is listed once."""
+    key = config_hash(cfg)
+    if key not in _fingerprints:
+        if cfg.source == "npz":
+            content = file_hash(Path(cfg.path)) if cfg.path and Path(cfg.path).is_file() else None
+        elif cfg.source in CONTENT_FOLDERS:
+            content = stream.tree_fingerprint(os.path.join(_download_root(cfg), CONTENT_FOLDERS[cfg.source]))
+        else:
+            content = None  # generated from the config alone
+        _fingerprints[key] = config_hash(cfg, content)
+    value = _fingerprints[key]
+    if not _fingerprints_held["on"]:
+        _fingerprints.clear()
+    return value
+
+
+CONTENT_FOLDERS = {"imagefolder": "", "emnist": "EMNIST/raw", "omniglot": "omniglot-py",
+                   "cifar100": "cifar-100-binary"}  # what each folder source reads under its root
+_fingerprints: dict[str, str] = {}
+_fingerprints_held = {"on": False}
+
+
+@contextmanager
+def fingerprints_held():
+    """Within the block the data's fingerprint is computed once (a pipeline run or status asks for it per
+    stage; listing a large folder takes a while), and afresh after it."""
+    _fingerprints_held["on"] = True
+    try:
+        yield
+    finally:
+        _fingerprints_held["on"] = False
+        _fingerprints.clear()
 
 
 def validate_source(src: Source, name: str = "data", missing_classes: str = "error") -> None:
@@ -217,11 +348,18 @@ def _cached(cfg: DataConfig, make) -> Source:
 
 def check(cfg: DataConfig) -> None:
     """What can be checked of the data before any stage runs: a source that reads a file or folder has
-    it (a torchvision-backed set only where it will not download)."""
+    it (a torchvision-backed set only where it will not download; a folder as a path or an fsspec URI),
+    and no more decoding processes than this machine has CPUs."""
     reads = cfg.source in ("npz", "imagefolder") or (cfg.source in ("emnist", "omniglot", "cifar100")
                                                      and cfg.path and not cfg.download)
-    if reads and not Path(_need_path(cfg)).exists():
-        raise FileNotFoundError(f"data.path {cfg.path} does not exist (data.source={cfg.source})")
+    if reads:
+        fs, path = stream.filesystem(_need_path(cfg))
+        if not fs.exists(path):
+            raise FileNotFoundError(f"data.path {cfg.path} does not exist (data.source={cfg.source})")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.source == "imagefolder" and cfg.workers > cpus:
+        raise ValueError(f"data.workers is {cfg.workers} but this machine has {cpus} CPUs: decoding processes "
+                         "beyond them only slow training down")
 
 
 def _download_root(cfg: DataConfig) -> str:

@@ -1,4 +1,4 @@
-"""Loaders for EMNIST, Omniglot, CIFAR-100 and ImageFolder trees, each returning a `Source`.
+"""Loaders for EMNIST, Omniglot and CIFAR-100, each returning a `Source` (image folders stream: `stream`).
 
 Files are laid out as torchvision 0.29 downloads them, so a `root` shared with torchvision works.
 CIFAR-100 is read from its binary version with numpy: the project never unpickles user files.
@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 from torchvision.datasets import EMNIST, Omniglot
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.datasets.utils import download_and_extract_archive, list_dir, list_files
 
 from ensemble.data.source import Source
@@ -79,26 +78,6 @@ def cifar100(root: str, download: bool = False) -> Source:
     return Source(x_train, y_train, x_test, y_test, fine_names, groups, coarse_names)
 
 
-def imagefolder(root: str, image_size: int = 32, grayscale: bool = False) -> Source:
-    """An ImageFolder tree root/{train,test}/<class>/<image>: classes from train, images resized square."""
-    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
-    _require([train_dir, test_dir], f"an ImageFolder tree {root}/{{train,test}}/<class>/<image>",
-             download_hint=False)
-    classes, class_to_idx = find_classes(train_dir)
-    test_classes, _ = find_classes(test_dir)
-    unknown = sorted(set(test_classes) - set(classes))
-    if unknown:
-        raise ValueError(f"{test_dir} has classes {unknown} that {train_dir} lacks: "
-                         "every test class must also be a training class")
-    mode = "L" if grayscale else "RGB"
-    train_samples = make_dataset(train_dir, class_to_idx, extensions=IMG_EXTENSIONS)
-    test_to_idx = {c: class_to_idx[c] for c in test_classes}  # a test split may lack some classes
-    test_samples = make_dataset(test_dir, test_to_idx, extensions=IMG_EXTENSIONS)
-    x_train, y_train = _load_samples(train_samples, mode, image_size)
-    x_test, y_test = _load_samples(test_samples, mode, image_size)
-    return Source(x_train, y_train, x_test, y_test, classes)
-
-
 def _require(paths: Sequence[str], expected: str, download_hint: bool) -> None:
     """Raise FileNotFoundError for the first missing path, saying what belongs there and how to get it."""
     missing = [path for path in paths if not os.path.exists(path)]
@@ -157,12 +136,6 @@ def _load_image(path: str, mode: str, size: int, resample: Image.Resampling) -> 
             return np.asarray(image.convert(mode).resize((size, size), resample), dtype=np.uint8)
     except OSError as err:  # PIL's UnidentifiedImageError and truncated files are both OSErrors
         raise ValueError(f"{path}: not a readable image ({err})") from err
-
-
-def _load_samples(samples: list[tuple[str, int]], mode: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The images of (path, label) samples, resized with an antialiasing filter, and their labels."""
-    images = [_load_image(path, mode, size, Image.Resampling.BILINEAR) for path, _ in samples]
-    return np.stack(images), np.array([label for _, label in samples], dtype=np.int64)
 
 
 def _read_names(path: str) -> list[str]:
