@@ -23,11 +23,11 @@ import torch
 
 from baselines import baseline_rows
 from ensemble.config import Config
-from ensemble.data import load_data
+from ensemble.data import Images, load_data
 from ensemble.layout import RunDir
 from ensemble.metrics import conditional_top1
 from ensemble.rundir import load_tensors, write_json, write_text
-from ensemble.train import predict_logits, resolve_device
+from ensemble.train import predict_logits_of, resolve_device
 from specialists import load_specialists
 
 from .plots import plot_table4
@@ -48,8 +48,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
     p_general, labels = preds["test_probs"].double(), preds["test_labels"]
     device = resolve_device(cfg.device)
     batch = cfg.specialists.train.eval_batch_size
-    probs = [predict_logits(net, data.x_test, device=device, batch_size=batch).double().softmax(dim=1)
-             for net in specialists]
+    probs = [z.double().softmax(dim=1) for z in predict_logits_of(specialists, data.x_test, device=device,
+                                                                  batch_size=batch)]
     classes = [torch.tensor(s) for s in subsets]
 
     first = cfg.combine.top_n[0]
@@ -107,10 +107,10 @@ AUTO = ("fixed_point", "within_subset")  # combine.method=auto chooses between t
 
 
 def choose_method(specialists: list, classes: list[torch.Tensor], top_n: int, p_general: torch.Tensor,
-                  labels: torch.Tensor, x_val: torch.Tensor, device: torch.device, batch: int) -> tuple[str, dict]:
+                  labels: torch.Tensor, x_val: Images, device: torch.device, batch: int) -> tuple[str, dict]:
     """`combine.method=auto`: of the KL and the within-subset combiners, the one with the higher top-1 on
     the validation set (`p_general`, `labels`: the generalist's there), and each one's validation top-1."""
-    probs = [predict_logits(net, x_val, device=device, batch_size=batch).double().softmax(dim=1) for net in specialists]
+    probs = [z.double().softmax(dim=1) for z in predict_logits_of(specialists, x_val, device=device, batch_size=batch)]
     top1 = {m: _top1(_by_rows(lambda g, ps, m=m: combine(g, ps, classes, top_n=top_n, method=m), p_general, probs),
                      labels) for m in AUTO}
     return max(AUTO, key=top1.get), top1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -146,8 +146,21 @@ def predict_logits(model: nn.Module, x: Images, *, device: torch.device, batch_s
     """Logits (N, K) in float32 on the CPU for uint8 images `x` (in memory or streamed), in eval mode,
     computed in float32 (no mixed precision, no TF32): these are the probabilities the clustering, the
     evaluation and the Combiner read, and they must agree on every device."""
-    return torch.cat(list(_logit_batches(model, x, device=device, batch_size=batch_size,
-                                         channels_last=channels_last)))
+    return predict_logits_of([model], x, device=device, batch_size=batch_size, channels_last=channels_last)[0]
+
+
+@torch.no_grad()
+def predict_logits_of(models: Sequence[nn.Module], x: Images, *, device: torch.device, batch_size: int = 1024,
+                      channels_last: bool = True) -> list[torch.Tensor]:
+    """`predict_logits` of each of `models` on `x`, each batch of images read (decoded, if streamed) once
+    for all of them."""
+    if not models:
+        return []
+    out: list[list[torch.Tensor]] = [[] for _ in models]
+    for logits in _logit_batches(models, x, device=device, batch_size=batch_size, channels_last=channels_last):
+        for rows, z in zip(out, logits):
+            rows.append(z)
+    return [torch.cat(rows) for rows in out]
 
 
 def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.device,
@@ -156,22 +169,23 @@ def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.devi
     the whole set are never held at once)."""
     sums: dict[str, float] = {}
     start = 0
-    for logits in _logit_batches(model, x, device=device, batch_size=batch_size, channels_last=channels_last):
+    for (logits,) in _logit_batches([model], x, device=device, batch_size=batch_size, channels_last=channels_last):
         for key, value in classification_sums(logits, y[start:start + len(logits)]).items():
             sums[key] = sums.get(key, 0) + value
         start += len(logits)
     return {f"{prefix}{key}": value / len(y) for key, value in sums.items()}
 
 
-def _logit_batches(model: nn.Module, x: Images, *, device: torch.device, batch_size: int,
-                   channels_last: bool) -> Iterator[torch.Tensor]:
-    """The float32 CPU logits of `x`, batch by batch, in order."""
-    model.eval()
-    memory_format = torch.channels_last if channels_last and is_conv(model) else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
+def _logit_batches(models: Sequence[nn.Module], x: Images, *, device: torch.device, batch_size: int,
+                   channels_last: bool) -> Iterator[list[torch.Tensor]]:
+    """Each model's float32 CPU logits of `x`, batch by batch, in order."""
+    formats = [torch.channels_last if channels_last and is_conv(m) else torch.contiguous_format for m in models]
+    for model, memory_format in zip(models, formats):
+        model.eval().to(device=device, memory_format=memory_format)
     with exact_float32(device):
         for xb in image_batches(x, batch_size, pin=device.type == "cuda"):
-            yield model(_prepare(xb, device, memory_format)).float().cpu()
+            xb = xb.to(device, non_blocking=True)
+            yield [model(_prepare(xb, device, f)).float().cpu() for model, f in zip(models, formats)]
 
 
 @contextmanager

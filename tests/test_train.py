@@ -132,7 +132,7 @@ def test_augment_shift_moves_images_and_none_is_identity():
 def test_predictions_are_float32_without_mixed_precision_or_tf32(monkeypatch):
     """Issue 23: predictions ran under bf16 autocast on CUDA even with amp off; they feed the clustering,
     the evaluation and the Combiner, which must agree with each other on every device."""
-    import ensemble.train as train
+    from ensemble import train
 
     monkeypatch.setattr(train, "_amp", lambda *a: pytest.fail("predictions asked for mixed precision"))
     entered = []
@@ -149,3 +149,18 @@ def test_predictions_are_float32_without_mixed_precision_or_tf32(monkeypatch):
     with train.exact_float32(torch.device("cuda")):  # no TF32 in convolutions or matrix products
         assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision) == ("ieee",) * 3
     assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_predictions_of_several_nets_read_each_batch_once_and_equal_their_own(monkeypatch):
+    """The combiner's specialists on a streamed test set: one decoding of each batch for all of them."""
+    from ensemble import train
+
+    x, _ = _problem(n=40)
+    nets = [_net(seed=s) for s in range(3)]
+    reads = []
+    real = train.image_batches
+    monkeypatch.setattr(train, "image_batches", lambda *a, **k: reads.append(1) or real(*a, **k))
+    together = train.predict_logits_of(nets, x, device=CPU, batch_size=16)
+    assert len(reads) == 1
+    for net, z in zip(nets, together):
+        assert torch.equal(z, train.predict_logits(net, x, device=CPU, batch_size=16))
