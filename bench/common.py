@@ -161,3 +161,22 @@ class Sampler:
         self.done.set()
         self.thread.join()
         return max(self.peak, tree_pss_kib(self.root))
+
+
+def write_image_folder(root: Path, classes: int, train: int, test: int, sides: tuple[int, ...] = (96,),
+                       formats: tuple[str, ...] = ("jpg",)) -> None:
+    """An image folder root/{train,test}/c<k>/<i>.<format> of `train` and `test` images (image i of class
+    i mod `classes`): noise around a colour per class, each image `sides[i % len(sides)]` pixels square,
+    saved as `formats[i % len(formats)]`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tints = rng.integers(40, 216, (classes, 3))
+    for split, n in (("train", train), ("test", test)):
+        for i in range(n):
+            c, side = i % classes, sides[i % len(sides)]
+            folder = root / split / f"c{c:03d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = np.clip(tints[c] + rng.normal(0, 40, (side, side, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.{formats[i % len(formats)]}", quality=90)

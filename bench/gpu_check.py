@@ -24,10 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import write_results
-from PIL import Image
+from common import write_image_folder, write_results
 
 from ensemble.config import Config, load_config
 from ensemble.data import load_data
@@ -36,21 +34,6 @@ from ensemble.nets import load_net
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, load_tensors, read_json
 from ensemble.train import predict_logits
-
-
-def write_folder(root: Path, classes: int, per_class: int) -> None:
-    """root/{train,test}/c<k>/: per class `per_class` training and a fifth as many test images, tinted by
-    class, JPEG and PNG, 96 and 48 pixels square."""
-    rng = np.random.default_rng(0)
-    tints = rng.integers(40, 216, (classes, 3))
-    for split, n in (("train", per_class), ("test", max(2, per_class // 5))):
-        for c in range(classes):
-            folder = root / split / f"c{c:03d}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                side = 96 if i % 2 else 48
-                pixels = np.clip(tints[c] + rng.normal(0, 50, (side, side, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.{'jpg' if i % 3 else 'png'}")
 
 
 def devices(run: RunDir) -> dict[str, list[str]]:
@@ -95,7 +78,8 @@ def main() -> int:
     workers = min(args.workers, len(os.sched_getaffinity(0)))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        write_folder(tmp / "images", args.classes, args.per_class)
+        write_image_folder(tmp / "images", args.classes, args.classes * args.per_class,
+                           args.classes * max(2, args.per_class // 5), sides=(96, 48), formats=("jpg", "png", "jpg"))
         e, b = args.epochs, args.batch_size
         cfg = load_config(None, [
             "data.source=imagefolder", f"data.path={tmp / 'images'}", f"data.image_size={args.image_size}",

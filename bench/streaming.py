@@ -24,10 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from common import Sampler, timed, write_results
-from PIL import Image
+from common import Sampler, timed, write_image_folder, write_results
 
 from ensemble.config import DataConfig, NetConfig, TrainConfig
 from ensemble.data import image_batches, load_data
@@ -35,19 +33,6 @@ from ensemble.nets import build_net
 from ensemble.train import fit
 
 CPU = torch.device("cpu")
-
-
-def write_folder(root: Path, images: int, classes: int, side: int) -> None:
-    """root/{train,test}/c<k>/<i>.jpg: noisy images tinted by class, 10% more as the test split."""
-    rng = np.random.default_rng(0)
-    tints = rng.integers(40, 216, (classes, 3))
-    for split, n in (("train", images), ("test", max(classes, images // 10))):
-        for i in range(n):
-            c = i % classes
-            folder = root / split / f"c{c:03d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = np.clip(tints[c] + rng.normal(0, 40, (side, side, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
 
 
 def stage_memory(root: Path, runs: Path, name: str, args) -> dict:
@@ -107,7 +92,8 @@ def main() -> None:
         tmp = Path(tmp)
         for scale in (1, 4):
             root = tmp / f"x{scale}"
-            write_folder(root, args.images * scale, args.classes, args.side)
+            images = args.images * scale
+            write_image_folder(root, args.classes, images, max(args.classes, images // 10), sides=(args.side,))
             memory.append({"folder": f"{scale}N", **stage_memory(root, tmp / "runs", f"x{scale}", args)})
         speed = training_speed(tmp / "x1", args)
     for row in memory:

@@ -94,8 +94,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "num_specialists": len(subsets), "verdict": verdict[-1]["call"], "verdict_rival": verdict[-1]["rival"],
         "verdict_difference": verdict[-1]["difference"], "generalist_imported": imported,
     }
-    write_json(paths.evaluation, {**summary, "device": str(device), "method_choice": choice, "table3": table3, "table4": table4,
-                                   "comparisons": verdict})
+    write_json(paths.evaluation, {**summary, "device": str(device), "method_choice": choice, "table3": table3,
+                                   "table4": table4, "comparisons": verdict})
     text = tables_markdown(table3, table4, len(subsets)) + "\n" + verdict_markdown(verdict, imported)
     write_text(paths.tables, text)
     plot_table4(paths.stage("combiner") / "table4.png", table4)

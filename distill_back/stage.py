@@ -16,27 +16,14 @@ from pathlib import Path
 import torch
 
 from baselines import baseline_rows, load_baseline, training_compute
-from combiner import (
-    Combiner,
-    active_specialists,
-    beats_generalist,
-    combine_method,
-    load_ensemble,
-)
+from combiner import Combiner, active_specialists, beats_generalist, combine_method, load_ensemble
 from ensemble.config import Config, config_hash
 from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, data_fingerprint, load_data
 from ensemble.layout import NetDir, RunDir
 from ensemble.nets import Net, check_net, load_net, start_net
-from ensemble.rundir import (
-    file_hash,
-    load_tensors,
-    read_json,
-    save_tensors,
-    tensors_metadata,
-    write_json,
-    write_text,
-)
+from ensemble.rundir import (file_hash, load_tensors, read_json, save_tensors, tensors_metadata, write_json,
+                             write_text)
 from ensemble.train import fit, predict_logits, resolve_device
 
 from .loss import distillation_loss

@@ -149,7 +149,6 @@ def predict_logits(model: nn.Module, x: Images, *, device: torch.device, batch_s
     return predict_logits_of([model], x, device=device, batch_size=batch_size, channels_last=channels_last)[0]
 
 
-@torch.no_grad()
 def predict_logits_of(models: Sequence[nn.Module], x: Images, *, device: torch.device, batch_size: int = 1024,
                       channels_last: bool = True) -> list[torch.Tensor]:
     """`predict_logits` of each of `models` on `x`, each batch of images read (decoded, if streamed) once
@@ -176,6 +175,7 @@ def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.devi
     return {f"{prefix}{key}": value / len(y) for key, value in sums.items()}
 
 
+@torch.no_grad()
 def _logit_batches(models: Sequence[nn.Module], x: Images, *, device: torch.device, batch_size: int,
                    channels_last: bool) -> Iterator[list[torch.Tensor]]:
     """Each model's float32 CPU logits of `x`, batch by batch, in order."""

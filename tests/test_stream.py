@@ -43,6 +43,7 @@ def write_tree(root: Path, per_class: dict[str, int], *, noise: int = 60, seed: 
                 else:
                     mode = {2: "P", 4: "L"}.get(i % 6, "RGB")  # palette and grey PNGs among the RGB ones
                     image.convert(mode).save(folder / f"{i}.png")
+            (folder / "notes.txt").write_text("not an image: not in the index")
 
 
 def folder_config(root: Path, **kw) -> DataConfig:

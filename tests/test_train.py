@@ -164,3 +164,16 @@ def test_predictions_of_several_nets_read_each_batch_once_and_equal_their_own(mo
     assert len(reads) == 1
     for net, z in zip(nets, together):
         assert torch.equal(z, train.predict_logits(net, x, device=CPU, batch_size=16))
+
+
+def test_the_validation_in_fit_builds_no_autograd_graph(monkeypatch):
+    """`evaluate` reads the same prediction batches as `predict_logits`: under no_grad, not recording
+    every validation batch for a backward pass that never comes."""
+    from ensemble import train
+
+    seen = []
+    real = train.classification_sums
+    monkeypatch.setattr(train, "classification_sums", lambda z, y: seen.append(z.requires_grad) or real(z, y))
+    x, y = _problem(n=32)
+    train.evaluate(_net(), x, y, device=CPU, batch_size=16)
+    assert seen == [False, False]

@@ -147,8 +147,8 @@ def _load_folder(cfg: DataConfig) -> Data:
     x_test, y_test = split("test")
     if len(index.class_names) < 2:
         raise ValueError(f"{root}/train has {len(index.class_names)} class folder: needs at least 2 classes")
-    counts = Source(np.empty(0), y_train.numpy(), np.empty(0), y_test.numpy(), index.class_names)
-    _check_class_counts(counts, f"data.path {root}", cfg.missing_classes)  # classes left empty by skipped files
+    _check_class_counts(y_train.numpy(), y_test.numpy(), index.class_names, f"data.path {root}",
+                        cfg.missing_classes)  # classes that skipped files left empty
     if "val" in index.splits:
         x_val, y_val = split("val")
     else:
@@ -225,36 +225,35 @@ def data_fingerprint(cfg: DataConfig) -> str:
     `npz` file; for a folder (an image folder, a torchvision-backed set's root) every file's path, size and
     modification time. Within `fingerprints_held` each folder is listed once."""
     key = config_hash(cfg)
-    if key not in _fingerprints:
-        if cfg.source == "npz":
-            content = file_hash(Path(cfg.path)) if cfg.path and Path(cfg.path).is_file() else None
-        elif cfg.source in CONTENT_FOLDERS:
-            content = stream.tree_fingerprint(os.path.join(_download_root(cfg), CONTENT_FOLDERS[cfg.source]))
-        else:
-            content = None  # generated from the config alone
-        _fingerprints[key] = config_hash(cfg, content)
-    value = _fingerprints[key]
-    if not _fingerprints_held["on"]:
-        _fingerprints.clear()
+    if _held_fingerprints is not None and key in _held_fingerprints:
+        return _held_fingerprints[key]
+    if cfg.source == "npz":
+        content = file_hash(Path(cfg.path)) if cfg.path and Path(cfg.path).is_file() else None
+    elif cfg.source in CONTENT_FOLDERS:
+        content = stream.tree_fingerprint(os.path.join(_download_root(cfg), CONTENT_FOLDERS[cfg.source]))
+    else:
+        content = None  # generated from the config alone
+    value = config_hash(cfg, content)
+    if _held_fingerprints is not None:
+        _held_fingerprints[key] = value
     return value
 
 
 CONTENT_FOLDERS = {"imagefolder": "", "emnist": "EMNIST/raw", "omniglot": "omniglot-py",
                    "cifar100": "cifar-100-binary"}  # what each folder source reads under its root
-_fingerprints: dict[str, str] = {}
-_fingerprints_held = {"on": False}
+_held_fingerprints: dict[str, str] | None = None  # within `fingerprints_held`: each data config's, once
 
 
 @contextmanager
 def fingerprints_held():
     """Within the block the data's fingerprint is computed once (a pipeline run or status asks for it per
     stage; listing a large folder takes a while), and afresh after it."""
-    _fingerprints_held["on"] = True
+    global _held_fingerprints
+    _held_fingerprints = {}
     try:
         yield
     finally:
-        _fingerprints_held["on"] = False
-        _fingerprints.clear()
+        _held_fingerprints = None
 
 
 def validate_source(src: Source, name: str = "data", missing_classes: str = "error") -> None:
@@ -287,7 +286,7 @@ def validate_source(src: Source, name: str = "data", missing_classes: str = "err
             )
     if src.x_train.shape[1:] != src.x_test.shape[1:]:
         raise ValueError(f"{name}: train images are {src.x_train.shape[1:]} but test images {src.x_test.shape[1:]}")
-    _check_class_counts(src, name, missing_classes)
+    _check_class_counts(np.asarray(src.y_train), np.asarray(src.y_test), list(src.class_names), name, missing_classes)
     if src.class_groups is not None:
         g = np.asarray(src.class_groups)
         if g.shape != (num_classes,) or not np.issubdtype(g.dtype, np.integer) or g.min() < 0:
@@ -296,19 +295,20 @@ def validate_source(src: Source, name: str = "data", missing_classes: str = "err
             raise ValueError(f"{name}: class_groups names group {g.max()} but there are {len(src.group_names)} groups")
 
 
-def _check_class_counts(src: Source, name: str, missing_classes: str) -> None:
+def _check_class_counts(y_train: np.ndarray, y_test: np.ndarray, class_names: list[str], name: str,
+                        missing_classes: str) -> None:
     """Classes without a training example: those only in the test set (the model can never predict
     them) and those nowhere (a stray label, such as 25 among 0..9, making 15 empty classes)."""
-    num_classes = len(src.class_names)
-    train = np.bincount(np.asarray(src.y_train), minlength=num_classes)
-    test = np.bincount(np.asarray(src.y_test), minlength=num_classes)
+    num_classes = len(class_names)
+    train = np.bincount(y_train, minlength=num_classes)
+    test = np.bincount(y_test, minlength=num_classes)
     test_only, nowhere = np.flatnonzero((train == 0) & (test > 0)), np.flatnonzero((train == 0) & (test == 0))
     problems = []
     if len(test_only):
         problems.append(f"{len(test_only)} classes have test examples ({int(test[test_only].sum())}) but no "
-                        f"training example: {_names(src, test_only)}")
+                        f"training example: {_names(class_names, test_only)}")
     if len(nowhere):
-        problems.append(f"{len(nowhere)} of {num_classes} classes have no example at all: {_names(src, nowhere)}"
+        problems.append(f"{len(nowhere)} of {num_classes} classes have no example at all: {_names(class_names, nowhere)}"
                         " (a stray label?)")
     if not problems:
         return
@@ -318,8 +318,8 @@ def _check_class_counts(src: Source, name: str, missing_classes: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _names(src: Source, classes: np.ndarray) -> str:
-    shown = ", ".join(str(src.class_names[c]) for c in classes[:5])
+def _names(class_names: list[str], classes: np.ndarray) -> str:
+    shown = ", ".join(str(class_names[c]) for c in classes[:5])
     return shown + (f" and {len(classes) - 5} more" if len(classes) > 5 else "")
 
 

@@ -219,24 +219,18 @@ def readable_rows(files: ImageFiles, workers: int) -> np.ndarray:
     """A boolean per file: whether it decodes (every file read once, in `workers` processes)."""
     from tqdm.auto import tqdm
 
-    loader = torch.utils.data.DataLoader(_Readable(files), batch_size=64, num_workers=workers)
+    loader = torch.utils.data.DataLoader(_Readable(files, augment=False), batch_size=64, num_workers=workers)
     ok = [batch for batch in tqdm(loader, desc="checking images", unit="batch", leave=False, disable=None,
                                   file=sys.stderr)]
     return torch.cat(ok).numpy() if ok else np.zeros(0, dtype=bool)
 
 
-class _Readable(torch.utils.data.Dataset):
-    def __init__(self, files: ImageFiles):
-        self.files, self._fs = files, None
-
-    def __len__(self) -> int:
-        return len(self.files)
+class _Readable(_Decoded):
+    """Item i: whether image i decodes."""
 
     def __getitem__(self, i: int) -> bool:
-        if self._fs is None:
-            self._fs = filesystem(self.files.root)[0]
         try:
-            read_image(self._fs, self.files.path(i), self.files.channels).load()
+            read_image(self.fs, self.files.path(i), self.files.channels)
         except ValueError:
             return False
         return True
