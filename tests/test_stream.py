@@ -189,11 +189,17 @@ def test_unreadable_images_stop_the_run_or_are_left_out_once(tmp_path, monkeypat
     assert len(skipped.x_train) + len(skipped.x_val) == 12  # the two bad files are left out
     assert "2 of 14 files in" in capsys.readouterr().err
     assert len(decoded(skipped.x_train)) == len(skipped.x_train)
+    check_files = stream.readable_rows
     monkeypatch.setattr(stream, "readable_rows", lambda *a: pytest.fail("checked twice"))
     from ensemble.data import _loaded
 
     _loaded.clear()
     assert len(load_data(folder_config(root, bad_images="skip")).x_train) == len(skipped.x_train)  # cached
+    for cached in (tmp_path / "cache").glob("imagefolder-readable-*.npy"):  # train's and test's
+        cached.write_bytes(cached.read_bytes()[:20])  # damaged: checked again, not an error
+    monkeypatch.setattr(stream, "readable_rows", check_files)
+    _loaded.clear()
+    assert len(load_data(folder_config(root, bad_images="skip")).x_train) == len(skipped.x_train)
 
 
 def test_the_fingerprint_follows_every_file_of_a_folder(tmp_path):

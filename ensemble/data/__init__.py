@@ -161,10 +161,12 @@ def _readable(files: ImageFiles, listing: str) -> np.ndarray:
     """Which files decode: read once, then kept in the cache under the folder's `listing` fingerprint."""
     key = config_hash(files.root, listing, hashlib.sha256(files.files.tobytes()).hexdigest())
     path = cache_dir() / f"imagefolder-readable-{key}.npy"
-    if path.is_file():
+    try:
         ok = np.load(path, allow_pickle=False)
-        if ok.shape == (len(files),):
+        if ok.shape == (len(files),) and ok.dtype == bool:
             return ok
+    except (OSError, ValueError, EOFError):  # not there yet, or damaged: checked again below
+        pass
     ok = stream.readable_rows(files, files.workers)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, ok, allow_pickle=False)
