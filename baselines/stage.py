@@ -36,6 +36,7 @@ from ensemble.launch import Store, run_tasks, task_folder
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
 from ensemble.nets import build_net, load_net
+from ensemble.parallel import check_workers, train_storage
 from ensemble.rundir import load_tensors, read_json, read_trained, save_tensors, save_trained, trained_metrics, write_json
 from ensemble.train import predict_logits, resolve_device
 from generalist import train_generalist
@@ -69,8 +70,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
     jobs = [Budget(name, max(1, math.ceil(epochs[name] - 1e-9)), titles[name]) for name in cfg.baselines.budgets]
     todo = [job for job in jobs if trained_metrics(paths.baseline(job.name), job.title) is None]
     started = time.time()
-    run_tasks(train_baseline, todo, (data, cfg, start), cfg.launch, lambda job, row: _save(paths, job, row),
-              checkpoints=paths.stage("baselines"), device=resolve_device(cfg.device), desc="baselines")
+    run_tasks(train_baseline, todo, (data, cfg, start, train_storage(cfg, "baselines")), cfg.launch,
+              lambda job, row: _save(paths, job, row), checkpoints=paths.stage("baselines"),
+              device=resolve_device(cfg.device), desc="baselines", in_driver=cfg.generalist.train.workers > 1)
     rows = [{**read_trained(paths.baseline(job.name)), "budget_epochs": epochs[job.name]} for job in jobs]
     for row in rows:
         print(f"{row['system']}: {row['epochs']} epochs, test top-1 {row['test_top1']:.4f}", flush=True)
@@ -80,15 +82,15 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 
 def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: torch.device, data: Data,
-                   cfg: Config, start: dict[str, torch.Tensor] | None) -> dict:
-    """A launcher task: the generalist's net trained for `job.epochs` with the generalist's recipe, afresh
-    or on from `start` (an imported generalist's weights); returns its weights, history, test predictions
-    and metrics."""
+                   cfg: Config, start: dict[str, torch.Tensor] | None, storage: str) -> dict:
+    """A launcher task: the generalist's net trained for `job.epochs` with the generalist's recipe (on its
+    Ray Train workers, checkpoints in `storage`), afresh or on from `start` (an imported generalist's
+    weights); returns its weights, history, test predictions and metrics."""
     data.check_readable()
     train = dataclasses.replace(cfg.generalist.train, epochs=job.epochs)
     with task_folder(job.name, checkpoint, store) as folder:
         net, history = train_generalist(cfg, data, train, folder.folder, device, job.title,
-                                        on_epoch=folder.on_epoch, start=start)
+                                        on_epoch=folder.on_epoch, start=start, storage=storage)
     logits = predict_logits(net, data.x_test, device=device, batch_size=train.eval_batch_size,
                             channels_last=train.channels_last)
     metrics = {"budget": job.name, "system": job.title, "epochs": job.epochs,
@@ -107,10 +109,13 @@ def _save(paths: RunDir, job: Budget, result: dict) -> None:
 
 
 def check(cfg: Config) -> None:
-    """`baselines.budgets` names each budget once (the config checks the names)."""
+    """`baselines.budgets` names each budget once (the config checks the names); the generalist's
+    `train.workers`, with which they train, can run."""
     names = cfg.baselines.budgets
     if len(set(names)) != len(names):
         raise ValueError(f"baselines.budgets must be distinct, got {names}")
+    if names:
+        check_workers(cfg.generalist.train, "generalist.train", cfg.launch)
 
 
 def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[str, float]:

@@ -9,6 +9,8 @@ unset, so one GPU each), then checks that
 - the generalist, every specialist, the baselines, the combiner and the student ran on CUDA;
 - the generalist's float32 test probabilities on the GPU match the CPU's (max |difference| <= --tolerance),
   and the ones the generalist stage saved match them too;
+- with 2 GPUs or more, the generalist trained again on 2 Ray Train workers (`generalist.train.workers=2`,
+  NCCL) ran on CUDA (with one GPU this check says it was not run);
 
 and prints each stage's seconds and its training images per second. Exits 1 if a check fails. On a
 machine without CUDA it says so and exits 0; `--device cpu` runs the same checks expecting the CPU
@@ -81,14 +83,20 @@ def main() -> int:
         write_image_folder(tmp / "images", args.classes, args.classes * args.per_class,
                            args.classes * max(2, args.per_class // 5), sides=(96, 48), formats=("jpg", "png", "jpg"))
         e, b = args.epochs, args.batch_size
-        cfg = load_config(None, [
+        overrides = [
             "data.source=imagefolder", f"data.path={tmp / 'images'}", f"data.image_size={args.image_size}",
             f"data.workers={workers}", "generalist.net.name=resnet", "generalist.net.width=16",
             f"generalist.train.epochs={e}", f"generalist.train.batch_size={b}", f"specialists.train.epochs={e}",
             f"specialists.train.batch_size={b}", f"distill_back.train.epochs={e}", f"distill_back.train.batch_size={b}",
-            "cluster.num_subsets=3", "cluster.shape=partition", f"device={args.device}",
-            f"runs_dir={tmp / 'runs'}", "name=gpu_check"])
+            "cluster.num_subsets=3", "cluster.shape=partition", f"device={args.device}", f"runs_dir={tmp / 'runs'}"]
+        cfg = load_config(None, [*overrides, "name=gpu_check"])
         run_pipeline(cfg)
+        parallel = None  # the generalist on 2 Ray Train workers (NCCL on GPUs): needs 2 GPUs, or 2 CPUs
+        if args.device == "cpu" or torch.cuda.device_count() >= 2:
+            pcfg = load_config(None, [*overrides, "name=gpu_check_parallel", "generalist.train.workers=2",
+                                      f"generalist.train.batch_size={b // 2}"])
+            run_pipeline(pcfg, only="generalist")
+            parallel = {json.loads(line)["device"] for line in RunDir(pcfg.run_dir).generalist.history.read_text().splitlines()}
         run = RunDir(cfg.run_dir)
         seen = devices(run)
         rates = training_rates(run, cfg)
@@ -113,6 +121,15 @@ def main() -> int:
         ok = value <= args.tolerance
         failed += [] if ok else [f"{what}: max |difference| {value:.3g} > {args.tolerance:g}"]
         rows.append({"check": what, "ok": ok, "devices": f"max |diff| {value:.2e}", "seconds": None,
+                     "train_images_per_s": None})
+    what = f"generalist on 2 Ray Train workers on {args.device}"
+    if parallel is None:
+        rows.append({"check": what, "ok": None, "devices": "not run: needs 2 GPUs", "seconds": None,
+                     "train_images_per_s": None})
+    else:
+        ok = all(d.startswith(args.device) for d in parallel)
+        failed += [] if ok else [f"{what}: rank 0 trained on {sorted(parallel)}"]
+        rows.append({"check": what, "ok": ok, "devices": ", ".join(sorted(parallel)), "seconds": None,
                      "train_images_per_s": None})
     write_results("gpu_check", rows, {"device": args.device, "args": vars(args)})
     for line in failed:

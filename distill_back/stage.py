@@ -22,9 +22,10 @@ from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, data_fingerprint, load_data
 from ensemble.layout import NetDir, RunDir
 from ensemble.nets import Net, check_net, load_net, start_net
+from ensemble.parallel import check_workers, fit_parallel, train_storage
 from ensemble.rundir import (file_hash, load_tensors, read_json, save_tensors, tensors_metadata, write_json,
                              write_text)
-from ensemble.train import fit, predict_logits, resolve_device
+from ensemble.train import predict_logits, resolve_device
 
 from .loss import distillation_loss
 from .plots import plot_distill_back
@@ -96,10 +97,11 @@ def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Calla
     print(f"distill_back: {desc}, {parameters(student):,} parameters ({dcfg.init} start), transfer set "
           f"{len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, alpha={dcfg.alpha}",
           flush=True)
-    history = fit(student, x, (teacher, labels), dcfg.train, folder.folder, seed=cfg.seed, device=device,
-                  loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
-                                                         alpha=dcfg.alpha),
-                  val=(data.x_val, data.y_val), desc=desc, clean_images=True)
+    history = fit_parallel(student, x, (teacher, labels), dcfg.train, folder.folder, seed=cfg.seed, device=device,
+                           launch=cfg.launch, storage=train_storage(cfg, "distill_back"), section="distill_back.train",
+                           loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
+                                                                  alpha=dcfg.alpha),
+                           val=(data.x_val, data.y_val), desc=desc, clean_images=True)
     save_tensors(folder.weights, student.state_dict())
     return student, history
 
@@ -117,6 +119,7 @@ def check(cfg: Config) -> None:
                          "distill_back.augmented_copies=0")
     if dcfg.net is not None:
         check_net(dcfg.net, "distill_back.net", cfg.data)
+    check_workers(dcfg.train, "distill_back.train", cfg.launch)
 
 
 def make_student(cfg: Config, data: Data, generalist: Net) -> Net:

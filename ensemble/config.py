@@ -112,6 +112,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision, on CUDA only
     channels_last: bool = True  # memory format of conv nets
     eval_batch_size: int = field(default=1024, metadata=at_least(1))
+    workers: int = field(default=1, metadata={"neutral": 1, **at_least(1)})  # data-parallel Ray Train workers,
+    #   each taking batch_size examples a step: the global batch, which lr and the schedule are for, is
+    #   batch_size x workers; 1: this process alone
 
 
 @dataclass
@@ -222,7 +225,10 @@ class LaunchConfig:
     #   tasks share a GPU; null: one per task when the Ray cluster has GPUs (or can add nodes with them), else 0
     resource_timeout: float = field(default=600.0, metadata=at_least(0))  # seconds to wait for an autoscaling
     #   cluster to add a node that can run a task; a cluster that cannot scale fails at once
-    max_retries: int = field(default=3, metadata=at_least(0))  # how often a task whose worker died is started again (it resumes from its checkpoint)
+    max_retries: int = field(default=3, metadata=at_least(0))  # how often a task whose worker died is started again (it resumes from its checkpoint);
+    #   for a data-parallel training (train.workers > 1), how often its worker group is
+    storage_path: str | None = None  # where data-parallel trainings keep their checkpoints: a folder every node mounts
+    #   (NFS) or a URI (s3://, gs://); null: the stage's folder in the run directory (one machine only)
 
 
 @dataclass

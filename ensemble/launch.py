@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -55,13 +56,15 @@ OnDone = Callable[[Any, Any], None]
 
 
 def run_tasks(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfig, on_done: OnDone, *,
-              checkpoints: Path, device: torch.device, desc: str = "tasks") -> dict:
+              checkpoints: Path, device: torch.device, desc: str = "tasks", in_driver: bool = False) -> dict:
     """Run `fn` for every job on the configured backend; `on_done` each result as it arrives. A job that
     fails does not stop the others: the failures are raised together at the end. Returns the launcher's
     own costs: seconds to start or join Ray, seconds to put `shared` in the object store, and the time
-    the tasks were submitted."""
-    if launch.backend == "inline":
-        print(f"{desc}: {_count(len(jobs), 'task')} inline in this process on {device}", flush=True)
+    the tasks were submitted. `in_driver`: the jobs run one after another in this process, as inline,
+    each training on Ray Train workers of its own (a Ray task waiting for them would hold a CPU they need)."""
+    if launch.backend == "inline" or in_driver:
+        where = "one after another in this process, each on Ray Train workers" if in_driver else f"inline in this process on {device}"
+        print(f"{desc}: {_count(len(jobs), 'task')} {where}", flush=True)
         store = CheckpointStore(checkpoints)
         submitted = time.time()
         with tqdm(total=len(jobs), desc=desc, unit="task", file=sys.stderr, disable=None) as bar:
@@ -82,6 +85,10 @@ def ray_session(launch: LaunchConfig) -> Iterator[None]:
     or start a local Ray cluster on this machine, on loopback only, for the duration (the local
     multi-process mode)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every task's progress lines (read when ray is imported)
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # Ray Train's workers stay in the driver's working
+    #   directory, as tasks do: a user's relative paths and modules resolve the same
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # a worker's lines reach the driver once, not
+    #   also through the logger Ray Train copies them to
     import ray
 
     if ray.is_initialized():
@@ -123,7 +130,10 @@ def held_sessions() -> Iterator[None]:
 
 
 def _init_on_loopback() -> None:
-    """Start a Ray cluster for this machine alone, every server bound to 127.0.0.1, without a dashboard.
+    """Start a Ray cluster for this machine alone, every server bound to 127.0.0.1, the dashboard too (Ray
+    Train's state queries go through it), with token authentication (Ray's default for a new local
+    cluster unless $RAY_AUTH_MODE says otherwise; the token is ~/.ray/auth_token, made if missing):
+    another user of the machine cannot reach it.
     Ray 2.60 binds its gRPC servers to all interfaces unless its node address is loopback, and picks the
     machine's address unless its multi-node mode (ray_constants.ENABLE_RAY_CLUSTER, read at each call;
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 at import) is off: off for this call only."""
@@ -134,41 +144,59 @@ def _init_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         # "local": a new cluster, never the one the last `ray start` on this machine left its address for
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
 
 
-def fits(nodes: list[dict], num_cpus: float, num_gpus: float) -> bool:
-    """Whether an alive node of the cluster (`ray.nodes()`) has the CPUs and GPUs one task asks for."""
-    return any(n["Resources"].get("CPU", 0) >= num_cpus and n["Resources"].get("GPU", 0) >= num_gpus
-               for n in nodes if n.get("Alive"))
+@dataclass(frozen=True)
+class Group:
+    """What must run at once: `count` processes of `num_cpus` CPUs and `num_gpus` GPUs each (one task, or
+    the workers of a data-parallel training, whose count is the config key `key`)."""
+
+    num_cpus: float
+    num_gpus: float
+    count: int = 1
+    key: str = ""
 
 
-def check_resources(nodes: list[dict], num_cpus: float, num_gpus: float) -> None:
-    """Raise if no alive node of the cluster (`ray.nodes()`) has the CPUs and GPUs one task asks for:
-    Ray would wait for such a node for ever."""
-    if not fits(nodes, num_cpus, num_gpus):
-        raise ValueError(f"{_no_node(num_cpus, num_gpus)}; its nodes have: {_have(nodes)}")
+def fits(nodes: list[dict], group: Group) -> bool:
+    """Whether the alive nodes of the cluster (`ray.nodes()`) have room for every process of `group` at once."""
+    def room(resources: dict) -> float:
+        return min(resources.get("CPU", 0) // group.num_cpus if group.num_cpus else math.inf,
+                   resources.get("GPU", 0) // group.num_gpus if group.num_gpus else math.inf)
+
+    return sum(room(n["Resources"]) for n in nodes if n.get("Alive")) >= group.count
 
 
-def wait_for_node(nodes: Callable[[], list[dict]], num_cpus: float, num_gpus: float, timeout: float, *,
+def check_resources(nodes: list[dict], group: Group) -> None:
+    """Raise if the alive nodes of the cluster (`ray.nodes()`) cannot run `group`: Ray would wait for
+    such nodes for ever."""
+    if not fits(nodes, group):
+        raise ValueError(f"{_no_node(group)}; its nodes have: {_have(nodes)}")
+
+
+def wait_for_node(nodes: Callable[[], list[dict]], group: Group, timeout: float, *,
                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                   every: float = 2.0) -> None:
-    """Ask `nodes()` every `every` seconds until an alive node can run a task, for an autoscaler adding
-    one; raise if none can after `timeout` seconds."""
+    """Ask `nodes()` every `every` seconds until the alive nodes can run `group`, for an autoscaler adding
+    nodes; raise if they cannot after `timeout` seconds."""
     deadline = clock() + timeout
-    while not fits(current := nodes(), num_cpus, num_gpus):
+    while not fits(current := nodes(), group):
         if clock() >= deadline:
-            raise ValueError(f"{_no_node(num_cpus, num_gpus)}, and the autoscaler added none in {timeout:g} s "
+            raise ValueError(f"{_no_node(group)}, and the autoscaler added none in {timeout:g} s "
                              f"(launch.resource_timeout); its nodes have: {_have(current)}")
         sleep(min(every, max(0.0, deadline - clock())))
 
 
-def _no_node(num_cpus: float, num_gpus: float) -> str:
-    """The start of the error for a task no node can run, naming the keys that ask for too much."""
-    return (f"no node of the Ray cluster can run a task that asks for {num_cpus:g} CPUs and {num_gpus:g} GPUs "
-            "(launch.num_cpus, launch.num_gpus)")
+def _no_node(group: Group) -> str:
+    """The start of the error for a group the cluster cannot run, naming the keys that ask for too much."""
+    each = f"{group.num_cpus:g} CPUs and {group.num_gpus:g} GPUs"
+    if group.count == 1:
+        return f"no node of the Ray cluster can run a task that asks for {each} (launch.num_cpus, launch.num_gpus)"
+    return (f"the Ray cluster cannot run {group.count} training workers at once that ask for {each} each "
+            f"({group.key}, launch.num_cpus, launch.num_gpus)")
 
 
 def _have(nodes: list[dict]) -> str:
@@ -260,21 +288,24 @@ def _count(n: float, unit: str) -> str:
     return f"{n:g} {unit}{'' if 0 < n <= 1 else 's'}"
 
 
-def _place(launch: LaunchConfig, tasks: int, desc: str, device: torch.device) -> float:
-    """The GPUs per task; says where the tasks run, and sees that a node can run one: one there is, one
-    the autoscaler adds within `launch.resource_timeout`, or an error at once where it can add none. The
-    autoscaler's state is read only where no node would do."""
+def place(launch: LaunchConfig, tasks: int, desc: str, device: torch.device, *, workers: int = 1,
+          key: str = "") -> float:
+    """The GPUs per task (or per training worker); says where the tasks run, and sees that the cluster can
+    run one, or `workers` at once (a data-parallel training, `key` its config key): nodes there are,
+    nodes the autoscaler adds within `launch.resource_timeout`, or an error at once where it can add
+    none. The autoscaler's state is read only where the nodes would not do."""
     import ray
 
     total, nodes = ray.cluster_resources(), ray.nodes()
     cpus, scaling = launch.num_cpus, None
     cpu_chosen = device.type == "cpu" and torch.cuda.is_available()
-    gpu_node = fits(nodes, cpus, 1)
+    gpu_node = fits(nodes, Group(cpus, 1))
     if launch.num_gpus is None and not cpu_chosen and not gpu_node:
         scaling = _scaling()
     gpus = resolve_num_gpus(launch.num_gpus, cpu_chosen=cpu_chosen, gpu_node=gpu_node,
                             adds_gpus=scaling is not None and scaling.adds_gpus)
-    if tasks and not fits(nodes, cpus, gpus) and scaling is None:
+    group = Group(cpus, gpus, workers, key)
+    if tasks and not fits(nodes, group) and scaling is None:
         scaling = _scaling()
     cluster = (f"{_count(sum(bool(n.get('Alive')) for n in nodes), 'node')}, {_count(total.get('CPU', 0), 'CPU')}, "
                f"{_count(total.get('GPU', 0), 'GPU')}" + ("; it can add nodes" if scaling and scaling.can_add_nodes else ""))
@@ -284,18 +315,20 @@ def _place(launch: LaunchConfig, tasks: int, desc: str, device: torch.device) ->
         why = ("launch.num_gpus: 0" if launch.num_gpus is not None else "device: cpu" if cpu_chosen
                else "no node has a GPU for them")
         each = f"{_count(cpus, 'CPU')}, on the CPU ({why})"
-    print(f"{desc}: {_count(tasks, 'task')} on Ray ({cluster}), each with {each}", flush=True)
-    if not tasks or fits(nodes, cpus, gpus):
+    what = _count(tasks, "task") if workers == 1 else f"{_count(workers, 'training worker')} ({key})"
+    print(f"{desc}: {what} on Ray ({cluster}), each with {each}", flush=True)
+    if not tasks or fits(nodes, group):
         return gpus
     if not scaling.can_add_nodes:
-        check_resources(nodes, cpus, gpus)
+        check_resources(nodes, group)
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=[{"CPU": cpus, "GPU": gpus}])
-    print(f"{desc}: waiting up to {launch.resource_timeout:g} s for the autoscaler to add a node with "
+    request_resources(bundles=[{"CPU": cpus, "GPU": gpus}] * workers)
+    room = "a node with" if workers == 1 else f"nodes for {workers} training workers of"
+    print(f"{desc}: waiting up to {launch.resource_timeout:g} s for the autoscaler to add {room} "
           f"{_count(cpus, 'CPU')} and {_count(gpus, 'GPU')} (launch.resource_timeout)", flush=True)
     try:
-        wait_for_node(ray.nodes, cpus, gpus, launch.resource_timeout)
+        wait_for_node(ray.nodes, group, launch.resource_timeout)
     finally:
         request_resources(bundles=[])  # the tasks' own demand keeps the node; the cluster may shrink after them
     return gpus
@@ -307,7 +340,7 @@ def _run_ray(fn: TaskFn, jobs: Sequence[Job], shared: tuple, launch: LaunchConfi
     from ray.exceptions import RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    num_gpus = _place(launch, len(jobs), desc, device)
+    num_gpus = place(launch, len(jobs), desc, device)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     store = ray.remote(CheckpointStore).options(
         name=store_name(checkpoints), num_cpus=0, scheduling_strategy=here).remote(checkpoints)
@@ -442,41 +475,49 @@ def store_name(checkpoints: Path) -> str:
 
 
 @dataclass(frozen=True)
-class _Arrays:
-    """A dataclass instance whose tensor fields `names` are numpy arrays, as `to_shared` made it."""
+class _Array:
+    """A tensor as `to_shared` sends it: a numpy array over the same memory."""
 
-    value: Any
-    names: tuple[str, ...]
+    array: Any
 
 
 def to_shared(value: Any) -> Any:
-    """`value` as it goes to Ray's object store: a dataclass instance's tensor fields as numpy arrays
-    (views of the same memory), anything else as it is. Ray's workers read numpy arrays in place from
-    their node's shared object store, one copy for every task on the node, where each task would get its
-    own copy of a tensor."""
-    if not dataclasses.is_dataclass(value) or isinstance(value, type):
-        return value
-    names = tuple(f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor))
-    if not names:
-        return value
-    arrays = copy.copy(value)
-    for name in names:
-        object.__setattr__(arrays, name, getattr(value, name).numpy())
-    return _Arrays(arrays, names)
+    """`value` as it goes to Ray's object store: its CPU tensors (itself, in a tuple, or a dataclass
+    instance's fields) as numpy arrays over the same memory, anything else as it is. Ray's workers read
+    numpy arrays in place from their node's shared object store, one copy for every task on the node,
+    where each task would get its own copy of a tensor."""
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+        return _Array(value.numpy())
+    if isinstance(value, tuple):
+        return tuple(to_shared(v) for v in value)
+    return _with_fields(value, torch.Tensor, to_shared)
 
 
 def from_shared(value: Any) -> Any:
     """What `to_shared` gave, with its tensors back as views of the arrays' memory: in a Ray task, the
     object store's read-only pages, shared by every task on the node, so nothing may write those tensors
     in place (torch cannot mark a tensor read-only; training reads its images into new float tensors)."""
-    if not isinstance(value, _Arrays):
+    if isinstance(value, _Array):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            return torch.from_numpy(value.array)
+    if isinstance(value, tuple):
+        return tuple(from_shared(v) for v in value)
+    return _with_fields(value, _Array, from_shared)
+
+
+def _with_fields(value: Any, kind: type, change: Callable[[Any], Any]) -> Any:
+    """A copy of dataclass instance `value` with `change` applied to its fields of type `kind`; `value`
+    itself where it is no dataclass instance or has no such field."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
         return value
-    tensors = copy.copy(value.value)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        for name in value.names:
-            object.__setattr__(tensors, name, torch.from_numpy(getattr(value.value, name)))
-    return tensors
+    names = [f.name for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), kind)]
+    if not names:
+        return value
+    changed = copy.copy(value)
+    for name in names:
+        object.__setattr__(changed, name, change(getattr(value, name)))
+    return changed
 
 
 class _ActorStore:

@@ -13,7 +13,8 @@
                      control/ (the same)  report.json  report.md  distill_back.png
 
 Each stage's folder also keeps `.stage.json`, its own copy of its manifest entry (from which an unreadable
-manifest is rebuilt). A folder that holds one trained net is a `NetDir`. Stages take the run directory as a `Path` and read it
+manifest is rebuilt), and where it trains on several Ray Train workers `.ray_train/`, their checkpoints
+(`TRAIN_STORAGE`; never an output). A folder that holds one trained net is a `NetDir`. Stages take the run directory as a `Path` and read it
 through `RunDir`.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 STAGE_NAMES = ("generalist", "cluster", "specialists", "baselines", "combiner", "distill_back")
 CHECKPOINT = "checkpoint.pt"  # a training's resumable state: never an output, never hashed
 HISTORY = "metrics.jsonl"  # the training loop's per-epoch metrics
+TRAIN_STORAGE = ".ray_train"  # in a stage's folder: Ray Train's checkpoints of its data-parallel trainings
 
 
 @dataclass(frozen=True)

@@ -160,11 +160,13 @@ def file_hash(path: Path) -> str:
 
 
 def output_hashes(stage_dir: Path) -> dict[str, str]:
-    """Content hash of every output file below a stage's folder (checkpoints and temp files excluded)."""
+    """Content hash of every output file below a stage's folder (checkpoints, temp files and dot-folders
+    such as Ray Train's storage excluded)."""
     out = {}
     for p in sorted(Path(stage_dir).rglob("*")):
-        if p.is_file() and p.name != CHECKPOINT and not p.name.startswith("."):
-            out[p.relative_to(stage_dir).as_posix()] = file_hash(p)
+        rel = p.relative_to(stage_dir)
+        if p.is_file() and p.name != CHECKPOINT and not any(part.startswith(".") for part in rel.parts):
+            out[rel.as_posix()] = file_hash(p)
     return out
 
 

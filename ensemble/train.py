@@ -5,6 +5,11 @@ there: the checkpoint, written atomically after each epoch, holds the model, opt
 grad scaler, every RNG state, the epoch and the metric history, so a run killed at any moment and
 started again ends with the same weights as one never interrupted. Progress: a tqdm bar with live
 loss and accuracy, one printed line per epoch, and `<workdir>/metrics.jsonl`.
+
+The same loop trains data-parallel when it runs in each process of a torch.distributed group (Ray
+Train's workers, `ensemble.parallel`): every process takes its disjoint share of each global batch of
+`batch_size x workers` examples, DistributedDataParallel averages the gradients, and rank 0 evaluates,
+writes the checkpoint and prints. With one process it is the plain loop, unchanged.
 """
 from __future__ import annotations
 
@@ -16,12 +21,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig, config_hash
-from .data import Images, image_batches
+from .data import Images, image_batches, shard_positions
 from .layout import CHECKPOINT, HISTORY
 from .metrics import classification_sums
 from .nets import is_conv
@@ -62,49 +68,53 @@ def fit(
     targets (N, K), or a tuple of per-example tensors that `loss_fn` takes apart (train accuracy is
     measured against the first). Returns the per-epoch metrics, also written to
     `<workdir>/metrics.jsonl`. `on_epoch(history)` runs after each epoch's checkpoint is written (to
-    copy it elsewhere). Streamed images go through `data.train_transform`'s random crops, unless
-    `clean_images`: for targets computed on the images as evaluation sees them (soft targets)."""
+    copy it elsewhere), in every process of a data-parallel group. Streamed images go through
+    `data.train_transform`'s random crops, unless `clean_images`: for targets computed on the images as
+    evaluation sees them (soft targets)."""
     parts = targets if isinstance(targets, tuple) else (targets,)
     if any(len(t) != len(x) for t in parts):
         raise ValueError(f"{len(x)} images but {[len(t) for t in parts]} targets")
+    rank, world = _process_group(cfg)
+    batch, global_batch = cfg.batch_size, cfg.batch_size * world
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     loss_fn = loss_fn or (lambda z, y: F.cross_entropy(z, y, label_smoothing=cfg.label_smoothing))
-    if sampler is None and len(x) < cfg.batch_size:
-        raise ValueError(f"{desc}: batch_size {cfg.batch_size} is larger than the {len(x)} training examples, "
-                         "so no batch would train (the last partial batch of an epoch is dropped)")
+    if sampler is None and len(x) < global_batch:
+        batches = f"batch_size {cfg.batch_size}" + (f" x {world} workers" if world > 1 else "")
+        raise ValueError(f"{desc}: {batches} is larger than the {len(x)} training examples, so no batch would "
+                         "train (the last partial batch of an epoch is dropped)")
     sampler = sampler or (lambda g: torch.randperm(len(x), generator=g))
     memory_format = _memory_format(model, cfg)
     model.to(device=device, memory_format=memory_format)
 
-    steps_per_epoch = max(1, len(sampler(torch.Generator().manual_seed(0))) // cfg.batch_size)
+    steps_per_epoch = max(1, len(sampler(torch.Generator().manual_seed(0))) // global_batch)
     optimizer = _optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     autocast, scaler = _amp(device, cfg.amp)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the same in every process: one order, one augmentation
+    torch.manual_seed(seed + rank)  # the model's own randomness (dropout): rank 0 as one process would
 
-    key = config_hash(cfg, seed, len(x), [tuple(t.shape) for t in parts])
-    state = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen)
-    start, history = state
+    key = training_key(cfg, seed, len(x), parts)
+    start, history = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen, rank)
+    net = _data_parallel(model, device) if world > 1 else model
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        model.train()
+        net.train()
         order = sampler(gen)
-        n_steps = len(order) // cfg.batch_size
+        mine = order[shard_positions(len(order), batch, rank, world)]
         loss_sum = torch.zeros((), device=device)  # Σ loss · batch size, kept on the device: no sync a step
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
-        bar = tqdm(total=n_steps, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False, disable=None,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(mine) // batch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if rank == 0 else True, file=sys.stderr, dynamic_ncols=True)
         pin = device.type == "cuda"
-        images = image_batches(x, cfg.batch_size, order=order, train=not clean_images, gen=gen, pin=pin)
+        images = image_batches(x, batch, order=order, train=not clean_images, gen=gen, pin=pin, shard=(rank, world))
         for step, xb in enumerate(images):
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            xb = augment(_prepare(xb, device, memory_format), cfg.augment, gen)
+            idx = mine[step * batch:(step + 1) * batch]
+            xb = augment(_prepare(xb, device, memory_format), cfg.augment, gen, first=rank * batch, of=global_batch)
             yb = _rows(targets, idx, device, pin)
             with autocast():
-                logits = model(xb)
+                logits = net(xb)
                 loss = loss_fn(logits.float(), yb)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -114,30 +124,83 @@ def fit(
             loss_sum += loss.detach().float() * len(idx)
             correct += _correct(logits.detach(), yb)
             seen += len(idx)
-            if not bar.disable and (step % 10 == 0 or step == n_steps - 1):  # a sync, for the eyes only
+            if not bar.disable and (step % 10 == 0 or step == bar.total - 1):  # a sync, for the eyes only
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
                                 refresh=False)
             bar.update()
         bar.close()
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(1, seen),
-               "train_acc": correct.item() / max(1, seen), "lr": optimizer.param_groups[0]["lr"], "examples": seen}
-        if val is not None:
+        loss_total, correct_total, seen = _summed([loss_sum, correct, seen], device, world)
+        row = {"epoch": epoch + 1, "train_loss": loss_total / max(1, seen), "train_acc": correct_total / max(1, seen),
+               "lr": optimizer.param_groups[0]["lr"], "examples": int(seen), "device": str(device)}
+        if val is not None and rank == 0:
             row.update(evaluate(model, *val, device=device, batch_size=cfg.eval_batch_size,
                                 channels_last=cfg.channels_last, prefix="val_"))
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
-        save_checkpoint(workdir / CHECKPOINT, {
-            "key": key, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-            "rng": _rng_state(device), "gen": gen.get_state(),
-        })
-        write_history(workdir / HISTORY, history)
+        rng = _rng_state(device) if world == 1 else _gathered(_rng_state(device), world)
+        if rank == 0:
+            save_checkpoint(workdir / CHECKPOINT, {
+                "key": key, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng, "gen": gen.get_state(),
+            })
+            write_history(workdir / HISTORY, history)
         if on_epoch is not None:
             on_epoch(history)
-        print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(
-            f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
-            flush=True)
+        if rank == 0:
+            print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(
+                f"{k} {v}" if isinstance(v, int | str) else f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+                flush=True)
     return history
+
+
+def training_key(cfg: TrainConfig, seed: int, n: int, targets: Sequence[torch.Tensor]) -> str:
+    """What a checkpoint must have been trained under to be resumed: the settings, the seed, the number of
+    examples and the targets' shapes."""
+    return config_hash(cfg, seed, n, [tuple(t.shape) for t in targets])
+
+
+def finished_history(model: nn.Module, path: Path, key: str, epochs: int) -> list[dict] | None:
+    """The history of the training whose checkpoint at `path` ran all `epochs` under `key`, its weights
+    loaded into `model`; None where there is no such checkpoint."""
+    ckpt = load_checkpoint(path)
+    if ckpt is None or ckpt.get("key") != key or ckpt["epoch"] != epochs:
+        return None
+    model.load_state_dict(ckpt["model"])
+    return list(ckpt["history"])
+
+
+def _process_group(cfg: TrainConfig) -> tuple[int, int]:
+    """This process's rank and the number of processes training together: (0, 1) outside a
+    torch.distributed group; within one (Ray Train's workers) it must have `cfg.workers` processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg.workers:
+        raise ValueError(f"train.workers is {cfg.workers} but {world} processes train together")
+    return rank, world
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` in DistributedDataParallel: its gradients averaged over the group in the backward pass."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _summed(values: list[torch.Tensor | int], device: torch.device, world: int) -> list[float]:
+    """The sums of per-process `values` over the group (in float64: counts stay exact)."""
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def _gathered(state: dict, world: int) -> list[dict]:
+    """Every process's `state`, in rank order."""
+    states: list = [None] * world
+    dist.all_gather_object(states, state)
+    return states
 
 
 @torch.no_grad()
@@ -203,12 +266,14 @@ def exact_float32(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.fp32_precision, torch.backends.cuda.matmul.fp32_precision = cudnn, matmul
 
 
-def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator, *, first: int = 0, of: int | None = None) -> torch.Tensor:
     """Random per-image shifts ('shift': up to 1/14 of the side) or affine maps ('affine': also
-    rotation, scale, shear) applied with one `grid_sample`; 'none' returns `x`."""
+    rotation, scale, shear) applied with one `grid_sample`; 'none' returns `x`. The maps are drawn for
+    `of` images (default: x's), of which `x` are rows `first`...: one process's share of a global batch
+    gets the maps one process training on all of it would draw for them."""
     if kind == "none":
         return x
-    n = len(x)
+    n = len(x) if of is None else of
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (2 / 14)  # in [-1, 1] grid units: +-1/14 of the side
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
@@ -220,6 +285,7 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
         theta[:, 0, 0], theta[:, 0, 1] = cos, -sin + shear
         theta[:, 1, 0], theta[:, 1, 1] = sin, cos
     theta[:, :, 2] = shift
+    theta = theta[first:first + len(x)]
     if x.device.type == "cuda":  # drawn on the CPU from `gen`; copied without a sync
         theta = theta.pin_memory().to(x.device, non_blocking=True)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
@@ -295,21 +361,25 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen) -> tuple[int, list[dict]]:
-    """Restore everything from the checkpoint at `path` if it belongs to this training; else start at 0."""
+def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen, rank: int = 0) -> tuple[int, list[dict]]:
+    """Restore everything from the checkpoint at `path` if it belongs to this training; else start at 0.
+    A data-parallel checkpoint holds every process's RNG state; process `rank` takes its own."""
     ckpt = load_checkpoint(path)
     if ckpt is None:
         return 0, []
     if ckpt.get("key") != key:
-        print(f"{path} belongs to another training (config, seed or data differ): starting afresh", flush=True)
+        if rank == 0:
+            print(f"{path} belongs to another training (config, seed or data differ): starting afresh", flush=True)
         return 0, []
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
     scaler.load_state_dict(ckpt["scaler"])
     gen.set_state(ckpt["gen"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
+    rng = ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if rank == 0:
+        print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
     return ckpt["epoch"], list(ckpt["history"])

@@ -14,8 +14,9 @@ from ensemble.data import Data, Images, load_data
 from ensemble.layout import RunDir
 from ensemble.metrics import classification_metrics
 from ensemble.nets import Net, build_net, check_net, load_weights, read_weights, start_net
+from ensemble.parallel import check_workers, fit_parallel, train_storage
 from ensemble.rundir import file_hash, save_tensors, write_json, write_text
-from ensemble.train import fit, predict_logits, resolve_device
+from ensemble.train import predict_logits, resolve_device
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
@@ -27,7 +28,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     checkpoint = cfg.generalist.checkpoint
     if checkpoint is None:
-        net, history = train_generalist(cfg, data, cfg.generalist.train, out.folder, device, "generalist")
+        net, history = train_generalist(cfg, data, cfg.generalist.train, out.folder, device, "generalist",
+                                        storage=train_storage(cfg, "generalist"))
         origin = {}
     else:
         net, own_stats = import_generalist(cfg, data.input_shape, data.num_classes, data.x_train)
@@ -59,6 +61,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "parameters": parameters(net),
         "num_classes": data.num_classes,
         "device": str(device),
+        "train_workers": cfg.generalist.train.workers,
         **origin,
     }
     write_json(out.metrics, metrics)
@@ -69,9 +72,10 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 def check(cfg: Config) -> None:
     """Before any stage runs: the generalist's net builds and starts (`check_net`), or
-    `generalist.checkpoint` exists and fits it."""
+    `generalist.checkpoint` exists and fits it; `generalist.train.workers` can run."""
     if cfg.generalist.checkpoint is None:
         check_net(cfg.generalist.net, "generalist.net", cfg.data)
+        check_workers(cfg.generalist.train, "generalist.train", cfg.launch)
     else:
         data = load_data(cfg.data)
         import_generalist(cfg, data.input_shape, data.num_classes, data.x_train[:2])
@@ -93,10 +97,11 @@ def import_generalist(cfg: Config, input_shape: tuple[int, int, int], num_classe
 
 def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path, device: torch.device,
                      desc: str, on_epoch: Callable[[list[dict]], None] | None = None,
-                     start: dict[str, torch.Tensor] | None = None) -> tuple[Net, list[dict]]:
+                     start: dict[str, torch.Tensor] | None = None, *, storage: str) -> tuple[Net, list[dict]]:
     """`cfg.generalist.net` trained on hard labels with `train`, resuming from `workdir` (the generalist,
-    and the baselines: the same recipe for another number of epochs). It starts from `start` (a
-    generalist's weights: the baselines of an imported one train it on) or else as `start_net` makes it."""
+    and the baselines: the same recipe for another number of epochs), on `train.workers` Ray Train workers
+    keeping checkpoints in `storage` where more than one. It starts from `start` (a generalist's weights:
+    the baselines of an imported one train it on) or else as `start_net` makes it."""
     torch.manual_seed(cfg.seed)
     shape, classes = data.input_shape, data.num_classes
     if start is None:
@@ -107,8 +112,9 @@ def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path,
     print(f"{desc}: {cfg.generalist.net.name} with {parameters(net):,} parameters on {data.num_classes} "
           f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images"
           f"{f' streamed from {data.x_train.root}' if data.streamed else ''}, "
-          f"{train.epochs} epochs{' from the imported generalist' if start is not None else ''}, device {device}",
-          flush=True)
-    history = fit(net, data.x_train, data.y_train, train, workdir, seed=cfg.seed, device=device,
-                  val=(data.x_val, data.y_val), desc=desc, on_epoch=on_epoch)
+          f"{train.epochs} epochs{' from the imported generalist' if start is not None else ''}, "
+          + (f"{train.workers} Ray Train workers" if train.workers > 1 else f"device {device}"), flush=True)
+    history = fit_parallel(net, data.x_train, data.y_train, train, workdir, seed=cfg.seed, device=device,
+                           launch=cfg.launch, storage=storage, section="generalist.train",
+                           val=(data.x_val, data.y_val), desc=desc, on_epoch=on_epoch)
     return net, history

@@ -86,6 +86,9 @@ def check(cfg: Config) -> None:
         raise ValueError(f"specialists.width {width} is below the generalist's width {cfg.generalist.net.width}: "
                          "specialists start as the generalist, widened")
     in_subset_count(cfg.specialists.in_subset_fraction, cfg.specialists.train.batch_size)
+    if cfg.specialists.train.workers != 1:
+        raise ValueError(f"specialists.train.workers must be 1, got {cfg.specialists.train.workers}: the specialists "
+                         "train in parallel as Ray tasks, one process each (launch.num_cpus, launch.num_gpus)")
 
 
 def skip_largest(subsets: list[list[int]], k: int) -> tuple[list[list[int]], list[list[int]]]:

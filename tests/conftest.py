@@ -6,6 +6,9 @@ import torch
 def _isolated(tmp_path, monkeypatch):
     """Each test caches generated data in its own folder and starts from the same torch state."""
     monkeypatch.setenv("ENSEMBLE_CACHE", str(tmp_path / "cache"))
+    # Ray Train's controller takes the workers' epoch reports when it polls them, every 2 s by default, and a
+    # worker waits for it from its third report on: the tests' epochs of milliseconds would each take 2 s
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     torch.manual_seed(0)
 
 

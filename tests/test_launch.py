@@ -14,6 +14,7 @@ import torch
 
 from ensemble.config import LaunchConfig
 from ensemble.launch import (
+    Group,
     Scaling,
     cluster_scaling,
     from_shared,
@@ -161,14 +162,14 @@ def test_the_wait_returns_once_a_node_that_fits_is_alive():
     clock = _Clock()
     head = _node(0, 1)
     answers = iter([[head], [head, _node(4, 1, alive=False)], [head, _node(4, 1)]])
-    wait_for_node(lambda: next(answers), 1, 1, timeout=600, clock=clock, sleep=clock.sleep, every=5)
+    wait_for_node(lambda: next(answers), Group(1, 1), timeout=600, clock=clock, sleep=clock.sleep, every=5)
     assert clock.sleeps == [5, 5]
 
 
 def test_the_wait_ends_at_the_timeout_with_one_line_naming_the_keys():
     clock = _Clock()
     with pytest.raises(ValueError) as raised:
-        wait_for_node(lambda: [_node(0, 1), _node(2, 0)], 1, 1, timeout=12, clock=clock, sleep=clock.sleep, every=5)
+        wait_for_node(lambda: [_node(0, 1), _node(2, 0)], Group(1, 1), timeout=12, clock=clock, sleep=clock.sleep, every=5)
     assert clock.sleeps == [5, 5, 2] and clock.now == 12
     assert str(raised.value) == (
         "no node of the Ray cluster can run a task that asks for 1 CPUs and 1 GPUs (launch.num_cpus, "
@@ -260,6 +261,10 @@ def test_tensor_fields_round_trip_and_other_values_pass_as_they_are():
     assert to_shared(weights) is weights and from_shared(weights) is weights
     config = LaunchConfig()  # a dataclass without tensors
     assert to_shared(config) is config
+    plain = (torch.arange(5), (torch.ones(2, 2), "text"))  # tensors of their own, in tuples: a training's targets
+    back = from_shared(to_shared(plain))
+    assert torch.equal(back[0], plain[0]) and torch.equal(back[1][0], plain[1][0]) and back[1][1] == "text"
+    assert back[0].data_ptr() == plain[0].data_ptr()  # the same memory, not a copy
 
 
 def test_a_task_reads_the_shared_arrays_in_place_from_the_object_store(cpu_cluster, tmp_path):

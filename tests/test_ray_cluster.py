@@ -1,6 +1,7 @@
 """On a real two-node Ray cluster on this machine (`ray start --head` and `ray start --address` on
 loopback, token authentication on): the pipeline submitted through the Jobs API runs its specialists on
-both nodes, and every process the test started is gone afterwards."""
+both nodes and its generalist on a training worker on each, and every process the test started is gone
+afterwards."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ from conftest import SPECIALISTS_TINY
 
 BIN = Path(sys.executable).parent
 JOB = [*SPECIALISTS_TINY, "launch.backend=ray", "launch.num_cpus=1", "cluster.num_subsets=4",
-       "specialists.train.epochs=15", "distill_back.train.epochs=1"]
+       "specialists.train.epochs=15", "distill_back.train.epochs=1", "generalist.train.workers=2",
+       "baselines.budgets=[]"]
 
 
 def _free_port() -> int:
@@ -107,7 +109,7 @@ def _stop(node: subprocess.Popen) -> None:
             continue
 
 
-def test_submitted_pipeline_runs_specialists_on_both_nodes(cluster, tmp_path):
+def test_submitted_pipeline_runs_specialists_and_training_workers_on_both_nodes(cluster, tmp_path):
     address, env, _ = cluster
     project = tmp_path / "project"  # what a user submits: a folder with their config
     project.mkdir()
@@ -121,7 +123,10 @@ def test_submitted_pipeline_runs_specialists_on_both_nodes(cluster, tmp_path):
         in done.stdout
     manifest = json.loads((runs / "job" / "manifest.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done"
-               for s in ("generalist", "cluster", "specialists", "combiner", "distill_back"))
+               for s in ("generalist", "cluster", "specialists", "baselines", "combiner", "distill_back"))
+    # 2 training workers of 1 CPU each on nodes of 1 CPU each: one on each node
+    assert json.loads((runs / "job" / "generalist" / "metrics.json").read_text())["train_workers"] == 2
+    assert "generalist: 2 training workers (generalist.train.workers) on Ray (2 nodes, 2 CPUs" in done.stdout
     metrics = [json.loads(p.read_text()) for p in sorted((runs / "job" / "specialists").glob("m*/metrics.json"))]
     assert len(metrics) == 4
     assert len({m["provenance"]["node_id"] for m in metrics}) == 2, [m["provenance"]["node_id"] for m in metrics]
@@ -174,25 +179,34 @@ with ray_session(LaunchConfig()):
         for line in subprocess.run(["ss", "-ltnpH", family], capture_output=True, text=True).stdout.splitlines():
             if any(f"pid={pid}," in line for pid in tree):
                 print(line.split()[3])
+    import urllib.error, urllib.request
+    url = ray._private.worker.global_worker.node.address_info["webui_url"]
+    try:
+        print("status", urllib.request.urlopen(f"http://{url}/api/jobs/").status)  # no token sent
+    except urllib.error.HTTPError as e:
+        print("status", e.code)
 """
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list listening sockets")
 def test_the_local_mode_starts_its_own_cluster_on_loopback_only():
     """`ensemble run` with no Ray address starts a cluster on this machine, even where an earlier
-    `ray start` left its (here dead) address behind, and none of its servers (GCS, raylet, workers,
-    agents) listens beyond loopback."""
+    `ray start` left its (here dead) address behind, none of its servers (GCS, raylet, workers,
+    agents, the dashboard) listens beyond loopback, and token authentication is on: the dashboard's
+    Jobs API turns away a request without the token."""
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
     (temp / "ray").mkdir()
     (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": str(temp)}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
+           "RAY_TMPDIR": str(temp)}
     try:
         out = subprocess.run([sys.executable, "-c", LISTENING], env=env, capture_output=True, text=True,
                              timeout=180)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    addresses = out.stdout.split()
+    *addresses, status = out.stdout.split("\n")[:-1]
+    assert status == "status 401", out.stdout
     assert len(addresses) >= 3, out.stdout  # the GCS, the raylet, the driver at least
     loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
     assert all(a.startswith(loopback) for a in addresses), addresses

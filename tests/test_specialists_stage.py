@@ -8,7 +8,7 @@ from conftest import specialists_run
 import specialists
 import specialists.stage
 from ensemble.config import load_config
-from ensemble.launch import CheckpointStore, check_resources
+from ensemble.launch import CheckpointStore, Group, check_resources
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import Manifest, load_tensors
 
@@ -104,12 +104,12 @@ def test_generalist_of_the_wrong_shape_is_a_clear_error(upstream, tmp_path):
 
 def test_resources_no_node_has_are_an_error():
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 64.0}}]
-    check_resources(nodes, 2, 0.5)
-    check_resources(nodes, 1, 1)
+    check_resources(nodes, Group(2, 0.5))
+    check_resources(nodes, Group(1, 1))
     with pytest.raises(ValueError, match="asks for 4 CPUs and 0 GPUs .* 2 CPUs and 1 GPUs"):
-        check_resources(nodes, 4, 0)
+        check_resources(nodes, Group(4, 0))
     with pytest.raises(ValueError, match="asks for 1 CPUs and 2 GPUs"):
-        check_resources(nodes, 1, 2)
+        check_resources(nodes, Group(1, 2))
     with pytest.raises(ValueError, match="'launch.num_gpus' must be in \\[0, 1\\] or a whole number"):
         load_config(None, ["launch.num_gpus=1.5"])
 

@@ -107,6 +107,26 @@ def test_workers_decode_the_same_batches_and_augmentation_follows_the_seed_alone
     assert torch.equal(plain, decoded(files, order=order))
 
 
+def test_data_parallel_shards_of_a_streamed_epoch_are_the_one_process_epoch(tmp_path):
+    """Two processes' shards (`shard=(rank, 2)`, 3 images a batch), their batches taken in turn, are the
+    batches of one process reading 6 at a time: the same files, the same random crops (each image
+    seeded as one process seeds it), and no image twice."""
+    write_tree(tmp_path, {"train": 6, "test": 2})
+    files = load_data(folder_config(tmp_path)).x_train
+    assert 12 < len(files) < 18  # 2 global batches of 6, the rest dropped
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(3))
+
+    def batches(batch: int, shard=(0, 1)) -> list[torch.Tensor]:
+        return list(image_batches(files, batch, order=order, train=True, gen=torch.Generator().manual_seed(5),
+                                  shard=shard))
+
+    one = batches(6)
+    ranks = [batches(3, (rank, 2)) for rank in range(2)]
+    assert len(one) == 2 and all(len(b) == 2 for b in ranks)
+    for step, whole in enumerate(one):
+        assert torch.equal(whole, torch.cat([ranks[0][step], ranks[1][step]]))
+
+
 def test_training_on_streamed_files_equals_training_on_the_same_images_in_memory(tmp_path):
     """With no random crop, the streamed loop sees exactly the in-memory loop's batches; and a streamed
     run with random crops in two workers, interrupted in its second epoch, resumes to the same weights

@@ -22,7 +22,7 @@ from ..config import DataConfig, config_hash
 from ..rundir import atomic_path, file_hash
 from . import stream
 from .source import Source
-from .stream import ImageFiles, Images, image_batches
+from .stream import ImageFiles, Images, image_batches, shard_positions
 
 __all__ = [
     "Data",
@@ -35,6 +35,7 @@ __all__ = [
     "image_batches",
     "load_data",
     "load_source",
+    "shard_positions",
     "validate_source",
 ]
 

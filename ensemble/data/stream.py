@@ -58,24 +58,38 @@ class ImageFiles:
 Images = torch.Tensor | ImageFiles
 
 
+def shard_positions(n: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """The positions in an epoch's order of `n` examples that process `rank` of `world` trains on, in
+    its order: step s's global batch is positions [s·G, (s+1)·G), G = batch_size·world, and `rank` takes
+    its `rank`-th slice of batch_size; the last partial global batch is dropped. Disjoint across ranks,
+    and together the global batches of one process training with batch size G."""
+    steps = n // (batch_size * world)
+    return torch.arange(steps * batch_size * world).view(steps, world, batch_size)[:, rank].reshape(-1)
+
+
 def image_batches(x: Images, batch_size: int, *, order: torch.Tensor | None = None, train: bool = False,
-                  gen: torch.Generator | None = None, pin: bool = False) -> Iterator[torch.Tensor]:
+                  gen: torch.Generator | None = None, pin: bool = False,
+                  shard: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
     """uint8 batches (B, C, H, W) of `x`'s images in `order` (default: as stored), full batches only
     when `order` is given (an epoch drops its last partial batch). Streamed images are decoded in
     `x.workers` processes with training augmentation if `train`, each image seeded from `gen` so that an
     epoch is the same whatever the number of workers; `pin` returns page-locked batches for a
-    non-blocking copy to the GPU."""
+    non-blocking copy to the GPU. `shard=(rank, world)` reads only process `rank`'s share of `order`
+    (`shard_positions`), its images seeded as one process reading all of `order` would seed them."""
     full_only = order is not None
     order = torch.arange(len(x)) if order is None else order
+    augment = not isinstance(x, torch.Tensor) and train and x.train_transform != "none"
+    seeds = torch.randint(SAMPLE_SEED_RANGE, (len(order),), generator=gen) if augment else torch.zeros(
+        len(order), dtype=torch.int64)
+    if shard != (0, 1):
+        positions = shard_positions(len(order), batch_size, *shard)
+        order, seeds = order[positions], seeds[positions]
     starts = range(0, max(0, len(order) - batch_size + 1 if full_only else len(order)), batch_size)
     if isinstance(x, torch.Tensor):
         for start in starts:
             rows = x[order[start:start + batch_size]]
             yield rows.pin_memory() if pin and rows.device.type == "cpu" else rows
         return
-    augment = train and x.train_transform != "none"
-    seeds = torch.randint(SAMPLE_SEED_RANGE, (len(order),), generator=gen) if augment else torch.zeros(
-        len(order), dtype=torch.int64)
     batches = [list(zip(order[start:start + batch_size].tolist(), seeds[start:start + batch_size].tolist()))
                for start in starts]
     loader = torch.utils.data.DataLoader(_Decoded(x, augment), batch_sampler=batches, num_workers=x.workers,
