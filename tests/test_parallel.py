@@ -233,3 +233,17 @@ def test_an_error_in_a_worker_is_one_line_naming_it(local_ray, tmp_path):
                      storage=str(tmp_path / "storage"), section="test.train", desc="bad", loss_fn=bad_loss)
     assert str(raised.value) in ("bad: training worker 0 failed: the targets do not fit the logits",
                                  "bad: training worker 1 failed: the targets do not fit the logits")
+
+
+def test_more_workers_than_the_cluster_holds_fail_at_once(local_ray, tmp_path):
+    """3 workers of 1 CPU on the local cluster of 2 CPUs (which cannot scale): an error naming the keys,
+    before any worker starts, not a wait for ever."""
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    x, y = _data()
+    cfg = TrainConfig(epochs=1, batch_size=8, workers=cpus + 1)
+    with pytest.raises(ValueError, match=rf"cannot run {cpus + 1} training workers at once that ask for 1 CPUs "
+                                         r"and 0 GPUs each \(test\.train\.workers, launch\.num_cpus, launch\.num_gpus\)"):
+        _parallel(_mlp(), x, y, cfg, tmp_path, "too many")
+    assert not (tmp_path / "storage").exists()
