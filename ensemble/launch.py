@@ -116,16 +116,17 @@ _held = {"holding": False, "opened": False}  # the state of `held_sessions`
 def held_sessions() -> Iterator[None]:
     """Within the block, a Ray session that `ray_session` opens stays open for the next `ray_session`,
     and is shut down when the block ends: the pipeline's stages share one cluster and its warm workers
-    instead of starting one each."""
-    _held["holding"] = True
+    instead of starting one each. Within an outer block it shuts down only a session it opened itself."""
+    outer = dict(_held)
+    _held.update(holding=True, opened=False)
     try:
         yield
     finally:
-        _held["holding"] = False
-        if _held["opened"]:
+        opened = _held["opened"]
+        _held.update(outer)
+        if opened:
             import ray
 
-            _held["opened"] = False
             ray.shutdown()
 
 

@@ -287,3 +287,15 @@ def test_a_task_reads_the_shared_arrays_in_place_from_the_object_store(cpu_clust
         warnings.simplefilter("always")
         back = from_shared(ray.get(ray.put(to_shared(images))))  # read-only arrays, as a task gets them
     assert torch.equal(back.x, images.x) and not warned
+
+
+def test_an_inner_held_block_leaves_the_outer_session_open():
+    """`held_sessions` within `held_sessions` (a pipeline run inside a caller's session): the inner block
+    shuts down nothing it did not open; the outer one shuts down its own session."""
+    from ensemble.launch import held_sessions, ray_session
+
+    with held_sessions(), ray_session(LaunchConfig()):
+        with held_sessions(), ray_session(LaunchConfig()):
+            pass
+        assert ray.is_initialized()
+    assert not ray.is_initialized()
