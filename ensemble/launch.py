@@ -460,6 +460,11 @@ def set_up_process(threads: int | None = None) -> None:
     torch.set_flush_denormal(True)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), which a local Ray cluster counts as its own."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)  # bad settings, files, data, an unreachable cluster
 
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from .config import Config, LaunchConfig, TrainConfig, config_hash
 from .data import Images
-from .launch import USER_ERRORS, TasksFailed, from_shared, one_line, place, ray_session, set_up_process, to_shared
+from .launch import (USER_ERRORS, TasksFailed, from_shared, one_line, place, ray_session, set_up_process, to_shared,
+                     usable_cpus)
 from .layout import CHECKPOINT, HISTORY, TRAIN_STORAGE, RunDir
 from .rundir import Manifest, atomic_path, write_history
 from .train import LossFn, Sampler, Targets, finished_history, fit, training_key
@@ -45,7 +46,7 @@ def fit_parallel(model: nn.Module, x: Images, targets: Targets, cfg: TrainConfig
     if cfg.workers == 1:
         return fit(model, x, targets, cfg, workdir, seed=seed, device=device, loss_fn=loss_fn, sampler=sampler,
                    val=val, desc=desc, on_epoch=on_epoch, clean_images=clean_images)
-    key = training_key(cfg, seed, len(x), targets if isinstance(targets, tuple) else (targets,))
+    key = training_key(cfg, seed, len(x), targets)
     path = Path(workdir) / CHECKPOINT
     history = finished_history(model, path, key, cfg.epochs)  # a finished training starts no workers
     if history is None:
@@ -85,7 +86,7 @@ def check_workers(train: TrainConfig, section: str, launch: LaunchConfig) -> Non
     if launch.backend == "inline":
         raise ValueError(f"{section}.workers={train.workers} trains on Ray Train workers, which "
                          f"launch.backend=inline does not start: set launch.backend=ray or {section}.workers=1")
-    cpus = os.cpu_count() or 1
+    cpus = usable_cpus()
     local = not (launch.address or os.environ.get("RAY_ADDRESS"))
     if local and train.workers * launch.num_cpus > cpus:
         raise ValueError(f"{section}.workers={train.workers} workers of launch.num_cpus={launch.num_cpus:g} CPUs "

@@ -94,7 +94,7 @@ def fit(
     gen = torch.Generator().manual_seed(seed)  # the same in every process: one order, one augmentation
     torch.manual_seed(seed + rank)  # the model's own randomness (dropout): rank 0 as one process would
 
-    key = training_key(cfg, seed, len(x), parts)
+    key = training_key(cfg, seed, len(x), targets)
     start, history = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen, rank)
     net = _data_parallel(model, device) if world > 1 else model
     for epoch in range(start, cfg.epochs):
@@ -154,10 +154,11 @@ def fit(
     return history
 
 
-def training_key(cfg: TrainConfig, seed: int, n: int, targets: Sequence[torch.Tensor]) -> str:
+def training_key(cfg: TrainConfig, seed: int, n: int, targets: Targets) -> str:
     """What a checkpoint must have been trained under to be resumed: the settings, the seed, the number of
     examples and the targets' shapes."""
-    return config_hash(cfg, seed, n, [tuple(t.shape) for t in targets])
+    parts = targets if isinstance(targets, tuple) else (targets,)
+    return config_hash(cfg, seed, n, [tuple(t.shape) for t in parts])
 
 
 def finished_history(model: nn.Module, path: Path, key: str, epochs: int) -> list[dict] | None:

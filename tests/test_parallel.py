@@ -186,7 +186,9 @@ def test_bad_worker_settings_are_one_line_errors_before_any_stage(tmp_path, caps
     assert main([*run, "generalist.train.workers=2", "launch.backend=inline"]) == 2
     assert capsys.readouterr().err.startswith("error: generalist.train.workers=2 trains on Ray Train workers, "
                                               "which launch.backend=inline does not start")
-    cpus = os.cpu_count()
+    from ensemble.launch import usable_cpus
+
+    cpus = usable_cpus()
     assert main([*run, f"distill_back.train.workers={cpus + 1}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"distill_back.train.workers={cpus + 1} workers" in err and f"has {cpus}" in err

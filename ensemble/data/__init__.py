@@ -19,6 +19,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from ..config import DataConfig, config_hash
+from ..launch import usable_cpus
 from ..rundir import atomic_path, file_hash
 from . import stream
 from .source import Source
@@ -359,7 +360,7 @@ def check(cfg: DataConfig) -> None:
         fs, path = stream.filesystem(_need_path(cfg))
         if not fs.exists(path):
             raise FileNotFoundError(f"data.path {cfg.path} does not exist (data.source={cfg.source})")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     if cfg.source == "imagefolder" and cfg.workers > cpus:
         raise ValueError(f"data.workers is {cfg.workers} but this machine has {cpus} CPUs: decoding processes "
                          "beyond them only slow training down")
