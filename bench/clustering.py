@@ -56,7 +56,7 @@ def main() -> None:
     tracemalloc.start()
     rows, missing = [], []
     for name in args.runs:
-        if RunDir(RUNS / name).generalist.predictions.is_file():
+        if RunDir(RUNS / name).generalist.prediction_folder.is_dir():
             rows += stage_rows(name)
         else:
             missing.append(name)
@@ -86,8 +86,8 @@ def stage_row(name: str, label: str, overrides: list[str]) -> tuple[dict, dict]:
     cfg = load_config(RUNS / name / "config.yaml", overrides)
     scratch = SCRATCH / f"{name}-{label.replace(' ', '').replace(',', '-')}"
     shutil.rmtree(scratch, ignore_errors=True)
-    RunDir(scratch).generalist.folder.mkdir(parents=True)
-    shutil.copy(RunDir(RUNS / name).generalist.predictions, RunDir(scratch).generalist.predictions)
+    RunDir(scratch).generalist.folder.mkdir(parents=True)  # copytree makes the predictions folder
+    shutil.copytree(RunDir(RUNS / name).generalist.prediction_folder, RunDir(scratch).generalist.prediction_folder)
     seconds, peak, _ = _timed(lambda: cluster.run(scratch, cfg))
     report = json.loads(RunDir(scratch).cluster_report.read_text())
     return _row(f"{name}: {label}", cfg.cluster, report, seconds, peak), report

@@ -34,6 +34,7 @@ from ensemble.data import load_data
 from ensemble.layout import STAGE_NAMES, RunDir
 from ensemble.nets import load_net
 from ensemble.pipeline import run_pipeline
+from ensemble.predictions import read_split
 from ensemble.rundir import Manifest, load_tensors, read_json
 from ensemble.train import predict_logits
 
@@ -106,7 +107,7 @@ def main() -> int:
                        "the generalist")
         probs = {d: predict_logits(net, data.x_test, device=torch.device(d)).softmax(dim=1) for d in (args.device, "cpu")}
         gap = (probs[args.device] - probs["cpu"]).abs().max().item()
-        saved_gap = (load_tensors(run.generalist.predictions)["test_probs"] - probs["cpu"]).abs().max().item()
+        saved_gap = (read_split(run.generalist.prediction_folder, "test").probs - probs["cpu"]).abs().max().item()
     rows, failed = [], []
     for stage in STAGE_NAMES:
         if stage == "cluster":

@@ -1,12 +1,15 @@
-"""The pipeline at the paper's shape (15,000 classes, 61 specialists of 300): wall time and peak memory
-of each stage.
+"""The pipeline at scale (15,000 classes, 61 specialists of 300; or 100,000 classes, 316 of 475): wall
+time, peak memory and output size of each stage, and the ensemble's inference against the generalist's.
 
     python bench/scale.py [--config configs/scale15k.yaml] [key=value ...]
 
 Runs `ensemble stage NAME --config FILE` for each stage in order, each in a fresh process, from
 scratch in bench/runs/scale/NAME. Per stage: wall seconds, the peak resident memory of the stage's own
-process (getrusage; the specialists' Ray workers are separate processes, their peak is not in it), and
-the sizes of its outputs. Results: bench/results/scale.{json,md}.
+process (getrusage; the specialists' Ray workers are separate processes, each holding the training
+images and one specialist: their peak is not in it), the size of its outputs, and the RuntimeWarnings it
+printed (the combiner's solver stopped by max_iter). Then `bench/inference.py`'s measurement on the
+finished run (the `Combiner` against the generalist, batches of 2,048, one thread). Results:
+bench/results/scale_<15k|100k>.{json,md}.
 """
 from __future__ import annotations
 
@@ -16,9 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from common import timed, write_results
+from inference import rates
 
+from combiner import Combiner
 from ensemble.config import load_config
+from ensemble.data import load_data
 from ensemble.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +41,7 @@ sys.exit(code)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "scale15k.yaml")
+    p.add_argument("--inference-limit", type=int, default=20480, help="test images the inference is timed on")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     cfg = load_config(args.config, [f"runs_dir={ROOT / 'bench' / 'runs' / 'scale'}", *args.overrides])
@@ -49,10 +57,23 @@ def main() -> None:
         peak = next(int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
         outputs = sum(f.stat().st_size for f in (cfg.run_dir / stage.name).rglob("*") if f.is_file())
         rows.append({"stage": stage.name, "wall_s": round(timing.wall, 1), "peak_rss_gb": round(peak / 2**20, 2),
-                     "outputs_mb": round(outputs / 2**20, 1)})
-        print(f"{stage.name}: {timing.wall:.0f} s, peak {peak / 2**20:.2f} GB", flush=True)
-    write_results("scale", rows, {"config": str(args.config.relative_to(ROOT)), "overrides": args.overrides,
-                                  "classes": cfg.data.num_classes})
+                     "outputs_mb": round(outputs / 2**20, 1),
+                     "warnings": (done.stdout + done.stderr).count("RuntimeWarning")})
+        print(f"{stage.name}: {timing.wall:.0f} s, peak {peak / 2**20:.2f} GB, {outputs / 2**20:.0f} MB", flush=True)
+    run_bytes = sum(f.stat().st_size for f in cfg.run_dir.rglob("*") if f.is_file())
+    torch.set_num_threads(1)
+    x = load_data(cfg.data).x_test[:args.inference_limit]
+    combiner = Combiner.from_run(cfg.run_dir)
+    combiner.predict_proba(x[:2048])
+    rate, caught = rates(combiner, x, 2048, 3)
+    inference = {f"{name}_ex_s": round(value) for name, value in rate.items()}
+    inference.update(ratio=round(rate["ensemble"] / rate["generalist"], 3),
+                     ratio_bare=round(rate["ensemble"] / rate["bare"], 3), inference_warnings=caught)
+    print(inference, flush=True)
+    write_results(f"scale_{cfg.name.removeprefix('scale')}", rows, {
+        "config": str(args.config.relative_to(ROOT)), "overrides": args.overrides, "classes": cfg.data.num_classes,
+        "total_wall_s": round(sum(r["wall_s"] for r in rows), 1), "run_dir_mb": round(run_bytes / 2**20, 1),
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in rows), "inference": inference})
 
 
 if __name__ == "__main__":

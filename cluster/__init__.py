@@ -2,8 +2,10 @@
 the specialists will own.
 
 1. `covariance_matrix`: the C×C covariance or correlation (`cluster.statistic`) of the held-out
-   probabilities or per-example-centred logits (`cluster.inputs`), diagonal kept or zeroed
-   (`cluster.diagonal`).
+   probabilities (the generalist's top-k per example: a sparse matrix) or per-example-centred logits
+   (`cluster.inputs`, dense predictions only), diagonal kept or zeroed (`cluster.diagonal`). Above
+   EMBED_ABOVE classes, or with `cluster.embedding` set, the matrix is never formed: `embed` gives its
+   columns in a few hundred dimensions from products with the sparse predictions (`covariance_operator`).
 2. `class_vectors`: each class's column scaled to unit length (`cluster.normalise`), optionally
    projected by PCA (`cluster.pca_components`); `fit_kmeans`: KMeans or MiniBatchKMeans (`cluster.kmeans`),
    seeded by the run's seed.
@@ -23,7 +25,8 @@ the specialists will own.
 Sizes left null in the config are set from C (`resolve`): M = round(√C), partition sizes between a
 quarter of and three times C/M, overlapping subsets of 1.5·C/M classes.
 """
-from .covariance import centred_logits, check_predictions, covariance_matrix, unit_rows
+from .covariance import (centred_logits, check_predictions, covariance_matrix, covariance_operator, embed,
+                         unit_rows)
 from .report import (confusion_capture, coverage, group_agreement, random_capture, single_assignment,
                      soft_confusion, subset_report, together)
 from .stage import check, find_subsets, resolve, run
@@ -32,7 +35,7 @@ from .subsets import (bounded_assignment, class_vectors, fit_kmeans, membership,
 
 __all__ = [
     "run", "check", "resolve", "find_subsets",
-    "check_predictions", "centred_logits", "covariance_matrix", "unit_rows",
+    "check_predictions", "centred_logits", "covariance_matrix", "covariance_operator", "embed", "unit_rows",
     "class_vectors", "fit_kmeans", "partition", "bounded_assignment", "overlapping", "squared_distances",
     "membership",
     "soft_confusion", "together", "confusion_capture", "random_capture", "coverage", "single_assignment",

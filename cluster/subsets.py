@@ -19,8 +19,9 @@ REFINE_ROUNDS = 20  # partition: at most this many (re-centre, re-assign) rounds
 
 def class_vectors(matrix: np.ndarray, normalise: Literal["unit", "none"] = "unit",
                   pca_components: int | None = None, seed: int = 0) -> np.ndarray:
-    """One row per class: its column of the symmetric C×C `matrix`, scaled to unit length unless
-    `normalise="none"`, then optionally projected on its first `pca_components` principal components.
+    """One row per class: its column of the symmetric C×C `matrix` (or its row of `covariance.embed`,
+    the same geometry in fewer dimensions), scaled to unit length unless `normalise="none"`, then
+    optionally projected on its first `pca_components` principal components.
 
     Unit length matters: a raw column's scale follows its class's variance, so K-means on raw columns
     puts the few high-variance classes in singletons and everything else in one giant cluster. PCA
@@ -28,9 +29,9 @@ def class_vectors(matrix: np.ndarray, normalise: Literal["unit", "none"] = "unit
     vectors = unit_rows(matrix) if normalise == "unit" else matrix
     if pca_components is None:
         return vectors
-    if not 1 <= pca_components <= len(matrix):
-        raise ValueError(f"cannot keep {pca_components} principal components of {len(matrix)} class vectors: "
-                         f"choose between 1 and {len(matrix)}")
+    if not 1 <= pca_components <= min(matrix.shape):
+        raise ValueError(f"cannot keep {pca_components} principal components of {len(matrix)} class vectors in "
+                         f"{matrix.shape[1]} dimensions: choose between 1 and {min(matrix.shape)}")
     pca = PCA(n_components=pca_components, svd_solver="randomized", random_state=seed)
     return pca.fit_transform(vectors).astype(vectors.dtype, copy=False)
 

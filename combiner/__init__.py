@@ -2,8 +2,14 @@
 run as one classifier (`Combiner`), and the stage that evaluates the ensemble on the test set and gives
 the verdict against the baselines."""
 from .api import Combiner, combine_method, load_ensemble
-from .solver import active_specialists, combine, objective
+from .solver import (
+    active_outputs,
+    active_specialists,
+    combine,
+    combine_active,
+    objective,
+)
 from .stage import beats_generalist, run
 
-__all__ = ["Combiner", "active_specialists", "beats_generalist", "combine", "combine_method", "load_ensemble",
-           "objective", "run"]
+__all__ = ["Combiner", "active_outputs", "active_specialists", "beats_generalist", "combine", "combine_active",
+           "combine_method", "load_ensemble", "objective", "run"]

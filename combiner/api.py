@@ -20,9 +20,18 @@ from ensemble.nets import load_net
 from ensemble.rundir import read_json
 from ensemble.train import exact_float32, resolve_device
 from specialists import load_specialists
-from specialists.heads import collapse
 
-from .solver import Method, active_specialists, combine
+from .solver import MAX_ITER, Cells, Method, Outputs, _active, _cells, _check_subsets, _combine
+
+
+def softmax64(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) in float64, as four passes: torch's own float64 softmax kernel is about twice as
+    slow on a CPU (1,000 classes) as subtracting the maximum, exp, sum and divide."""
+    p = logits.double()
+    p -= p.amax(dim=1, keepdim=True)
+    p.exp_()
+    p /= p.sum(dim=1, keepdim=True)
+    return p
 
 
 class Combiner:
@@ -43,6 +52,8 @@ class Combiner:
         self.specialists = [net.to(self.device).eval() for net in specialists]
         self.subsets = [torch.as_tensor(list(s), dtype=torch.int64, device=self.device) for s in subsets]
         self.top_n, self.method = top_n, method
+        self._checked: int | None = None  # the number of classes the subsets were checked against
+        self._cells: dict[torch.dtype, Cells] = {}  # the subsets' cells, for the KL combiner
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **kwargs) -> Combiner:
@@ -60,24 +71,43 @@ class Combiner:
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1]; anything else is
-        a ValueError that says what was expected.
+        a ValueError that says what was expected."""
+        p_general, outputs = self.outputs(x)
+        if p_general.dtype not in self._cells:
+            self._cells[p_general.dtype] = _cells(self.subsets, p_general)
+        return _combine(p_general, outputs, self.subsets, self.method, None, MAX_ITER, overwrite=True,
+                        cells=self._cells[p_general.dtype]).float()
 
-        The nets run in float32 (no TF32 on a GPU, as the evaluation's predictions); their softmaxes and
-        the combiner in float64 (probabilities far below float32's 1e-38 keep their ratios; the combiner
-        costs little beside the nets)."""
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor, top_n: int | None | str = "own", dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, Outputs]:
+        """The generalist's probabilities (N, C) for images `x`, and each specialist's on the examples it
+        is active for (`top_n`, by default the Combiner's): (rows, probabilities) as `combine_active`
+        takes them. The ensemble's inference: the generalist on every example, a specialist only where
+        it is active.
+
+        The nets run in float32 (no TF32 on a GPU, as the evaluation's predictions); their softmaxes in
+        `dtype`, by default float64 for the KL combiner, which divides by a subset's outside mass
+        (probabilities far below float32's 1e-38 keep their ratios), and float32 for the within-subset
+        rule, which moves mass only inside active subsets (each holding a top class: at least 1/C of
+        the mass) and so computes nothing float32 cannot hold."""
         x = self._images(x).to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if dtype is None:
+            dtype = torch.float32 if self.method == "within_subset" else torch.float64
+        softmax = softmax64 if dtype == torch.float64 else lambda z: z.softmax(dim=1).to(dtype)
         with exact_float32(self.device):
-            p_general = self.generalist(x).double().softmax(dim=1)
-            active = active_specialists(p_general, self.subsets, self.top_n)  # (M, N) bool
-            probs = []
+            logits = self.generalist(x)
+            p_general = softmax(logits)
+            if self._checked != p_general.shape[1]:  # the subsets against the generalist's classes, once
+                _check_subsets(self.subsets, p_general)
+                self._checked = p_general.shape[1]
+            active = _active(logits, self.subsets, self.top_n if top_n == "own" else top_n).bool()  # the top classes
+            outputs = []
             for net, subset, needed in zip(self.specialists, self.subsets, active):
-                p = collapse(p_general, subset)  # stands in where the specialist is not active: ignored
                 rows = needed.nonzero()[:, 0]
-                if len(rows):
-                    p[rows] = net(x[rows]).double().softmax(dim=1)
-                probs.append(p)
-        return combine(p_general, probs, self.subsets, top_n=self.top_n, method=self.method).float()
+                outputs.append((rows, softmax(net(x[rows])) if len(rows) else p_general.new_zeros(0, len(subset) + 1)))
+        return p_general, outputs
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         """`x` if it is a batch of images the nets can take, else a ValueError saying what they take."""

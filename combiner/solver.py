@@ -54,9 +54,10 @@ METHODS = ("fixed_point", "gradient", "within_subset")
 SUM_TOLERANCE = 1e-3  # rows of probabilities must sum to 1 within this: catches logits and log-probs
 ADAM_RATE, ADAM_BETAS, PATIENCE = 0.1, (0.9, 0.999), 20  # the gradient method's optimiser
 MIN_GAIN = 1e-12  # a relative decrease of the objective smaller than this (or 16 eps) is no progress
+MAX_ITER = 1000  # fixed_point's and gradient's default bound on iterations
 PLAIN_STEPS = 10  # fixed_point's first iterations are plain EM steps: see _fixed_point
+NEWTON_STEPS, NEWTON_ACTIVE = 50, 8  # then Newton on the dual (`_newton`) for examples with at most 8 active
 MAX_HALVINGS = 20  # SQUAREM halves an infeasible extrapolation this often, then takes the plain double step
-BLOCK_BYTES, MIN_BLOCK = 2**25, 64  # fixed_point solves blocks of examples of (C, b) tensors up to 32 MiB
 
 
 @dataclass(frozen=True)
@@ -79,77 +80,177 @@ class _Weights:
 @dataclass(frozen=True)
 class _Problem:
     """One batch: the objective's weights, and what it was made of (the objective's constant, the
-    gradient's start, the within-subset rule)."""
+    solvers' start)."""
 
     weights: _Weights
     general: Tensor  # (C, B) p^g
-    inside: Tensor  # (L, B) p^m_c at each subset entry where m is active, else 0
-    active: Tensor  # (M, B) 1 where specialist m is active for example b, else 0
-    index: Tensor  # (L,) the class of each subset entry: the subsets' ids one after another
-    owner: Tensor  # (L,) the subset of each entry
+    inside: Tensor  # (L, B) p^m_c at each subset entry (the subsets' ids one after another) where m is active, else 0
+
+
+Outputs = Sequence[tuple[Tensor, Tensor]]  # per specialist: the examples it ran on, its probabilities there
 
 
 def combine(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
             top_n: int | None = 1, method: Method = "fixed_point", tol: float | None = None,
-            max_iter: int = 1000) -> Tensor:
+            max_iter: int = MAX_ITER) -> Tensor:
     """The combined distribution q (B, C) minimising KL(p^g ‖ q) + Σ_{m∈A_b} KL(p^m ‖ q^m) per example.
 
     p_general: (B, C) generalist probabilities; its dtype and device are the computation's.
     specialist_probs[m]: (B, |S_m| + 1) probabilities of specialist m over S_m, dustbin last.
     subsets[m]: the class ids S_m (a sequence or 1-D integer tensor); subsets may overlap.
     top_n: specialist m is active for example b iff S_m holds one of p^g_b's top_n classes; None: all are.
+    The other arguments are `combine_active`'s, which this calls with each specialist's active rows.
+    """
+    _check_probs(p_general, "p_general")
+    ids = _check_subsets(subsets, p_general)
+    return _combine(p_general, active_outputs(p_general, specialist_probs, ids, top_n), ids, method, tol, max_iter)
+
+
+def active_outputs(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
+                   top_n: int | None = 1) -> list[tuple[Tensor, Tensor]]:
+    """Specialists' probabilities on every example (`combine`'s inputs) as `combine_active` takes them:
+    per specialist the examples it is active for at `top_n` and its probabilities there."""
+    _check_probs(p_general, "p_general")
+    ids = _check_subsets(subsets, p_general)
+    if len(specialist_probs) != len(ids):
+        raise ValueError(f"len(specialist_probs) = {len(specialist_probs)} but len(subsets) = {len(ids)}: "
+                         "one probability tensor per subset")
+    outputs = []
+    for m, (p, s, a) in enumerate(zip(specialist_probs, ids, _active(p_general, ids, top_n).bool())):
+        p = _check_probs(torch.as_tensor(p).to(p_general), f"specialist_probs[{m}]", (len(p_general), len(s) + 1))
+        outputs.append((a.nonzero()[:, 0], p[a]))
+    return outputs
+
+
+def combine_active(p_general: Tensor, outputs: Outputs, subsets: Sequence[Sequence[int] | Tensor],
+                   method: Method = "fixed_point", tol: float | None = None, max_iter: int = MAX_ITER,
+                   overwrite: bool = False) -> Tensor:
+    """`combine` where each specialist ran only on the examples it is active for: outputs[m] is
+    (rows, probs), the example indices (ascending) and specialist m's (len(rows), |S_m| + 1)
+    probabilities on them. This is what the ensemble costs at inference (`Combiner`): a specialist's
+    work, and the combiner's, grow with the examples it is active for.
+
     method: "fixed_point" (EM) or "gradient" (Adam on logits, the slow reference); "within_subset"
         (not a minimiser of the KL objective: the rule in the module's docstring) ignores tol and max_iter.
-    tol: fixed_point stops an example when one plain EM step moves it by max |Δq| < tol (default: the
-        dtype's eps, at least 1e-10; EM can crawl, so q's error may be many times that step); gradient
-        when every example's learning rate, halved each time its objective stalls, is below tol
-        (in logit units; default 1e-6).
+    tol: fixed_point stops an example when one plain EM step moves the mass of every cell (the classes
+        in the same subsets) by less than tol (default: the dtype's eps, at least 1e-10); gradient when
+        every example's learning rate, halved each time its objective stalls, is below tol (in logit
+        units; default 1e-6).
     max_iter: at most this many iterations (fixed_point: evaluations of the EM update, three per
         SQUAREM cycle; gradient: Adam steps); reaching it with tol > 0 unmet gives a RuntimeWarning
-        (tol=0 runs exactly max_iter iterations; fixed_point stops an example with one active
-        specialist after the first, which solves it exactly).
-    Examples with no active specialist get q = p^g exactly.
+        (tol=0 runs exactly max_iter iterations).
+    overwrite: q may be written into p_general's memory (for a caller done with it, as the `Combiner`):
+        saves a copy of B × C numbers.
+    Examples with no active specialist get q = p^g exactly; with one, fixed_point gives the closed form
+    (the module's docstring) without iterating.
     """
+    _check_probs(p_general, "p_general")
+    ids = _check_subsets(subsets, p_general)
+    if len(outputs) != len(ids):
+        raise ValueError(f"len(outputs) = {len(outputs)} but len(subsets) = {len(ids)}: one (rows, probs) per subset")
+    checked = []
+    for m, (rows, p) in enumerate(outputs):
+        rows = torch.as_tensor(rows, device=p_general.device)
+        if rows.dim() != 1 or rows.is_floating_point() or (len(rows) and (
+                rows.min() < 0 or rows.max() >= len(p_general) or (rows[1:] <= rows[:-1]).any())):
+            raise ValueError(f"outputs[{m}]'s rows must be ascending example indices in [0, {len(p_general)})")
+        p = _check_probs(torch.as_tensor(p).to(p_general), f"outputs[{m}] probabilities", (len(rows), len(ids[m]) + 1))
+        checked.append((rows.long(), p))
+    return _combine(p_general, checked, ids, method, tol, max_iter, overwrite)
+
+
+def _combine(p_general: Tensor, outputs: Outputs, ids: list[Tensor], method: Method, tol: float | None,
+             max_iter: int, overwrite: bool = False, cells: Cells | None = None) -> Tensor:
+    """`combine_active` on checked inputs (`cells`: `_cells(ids)`, where the caller keeps it): the
+    examples with no active specialist keep p^g; the others are solved as one smaller problem
+    (fixed_point: those with one active specialist in closed form)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
-    problem = _prepare(p_general, specialist_probs, subsets, top_n)
+    q = p_general if overwrite else p_general.clone()
     if method == "within_subset":
-        return _within_subset(problem).t().contiguous()
+        return _within_subset(q, p_general, outputs, ids)
+    num_active = _num_active(outputs, len(p_general), p_general.device)
     if method == "fixed_point":
-        q = _fixed_point(problem, max(torch.finfo(p_general.dtype).eps, 1e-10) if tol is None else tol, max_iter)
-    else:
-        q = _gradient(problem, 1e-6 if tol is None else tol, max_iter)
-    return q.t().contiguous()
+        _closed_form(q, p_general, outputs, ids, num_active == 1)
+    todo = (num_active > (1 if method == "fixed_point" else 0)).nonzero()[:, 0]
+    if len(todo):
+        rows, outputs = p_general[todo], _restricted(outputs, todo, len(p_general))
+        if method == "fixed_point":
+            tol = max(torch.finfo(p_general.dtype).eps, 1e-10) if tol is None else tol
+            q[todo] = _fixed_point(rows, outputs, ids, cells or _cells(ids, p_general), tol, max_iter)
+        else:
+            q[todo] = _gradient(_prepare(rows, outputs, ids), 1e-6 if tol is None else tol, max_iter).t()
+    return q
 
 
-def _within_subset(problem: _Problem) -> Tensor:
-    """On each active S_m, p^g(S_m) · p^m_c / Σ_{S_m} p^m, p^g elsewhere; the mean over the active
-    specialists, built as |A|·p^g plus each active one's change on its own subset: O(B·(C + Σ|S_m|)).
-    Where the specialist's mass on S_m underflowed to 0, the generalist's distribution within S_m."""
-    tiny, owner = torch.finfo(problem.general.dtype).tiny, problem.owner
-    general = problem.general.index_select(0, problem.index)  # (L, B) p^g at each subset entry
-    mass = _subset_sums(problem, problem.inside)  # (M, B) Σ_{S_m} p^m: not 1 - p^m_⊥, which cancels
-    general_mass = _subset_sums(problem, general)  # (M, B) p^g(S_m)
-    within = torch.where(mass[owner] > 0, problem.inside / mass[owner].clamp_min(tiny),
-                         general / general_mass[owner].clamp_min(tiny))
-    change = problem.active[owner] * (general_mass[owner] * within - general)
-    num_active = problem.weights.num_active
-    total = (num_active * problem.general).index_add_(0, problem.index, change)
-    return torch.where(num_active > 0, total / num_active.clamp_min(1), problem.general)
+def _num_active(outputs: Outputs, num_examples: int, device: torch.device) -> Tensor:
+    """(B,) |A_b|: how many specialists ran on each example."""
+    count = torch.zeros(num_examples, dtype=torch.long, device=device)
+    for rows, _ in outputs:
+        count[rows] += 1
+    return count
 
 
-def _subset_sums(problem: _Problem, x: Tensor) -> Tensor:
-    """(M, B) the sum of x (L, B), one row per subset entry, over each subset's entries."""
-    return x.new_zeros(problem.active.shape[0], x.shape[1]).index_add_(0, problem.owner, x)
+def _restricted(outputs: Outputs, keep: Tensor, num_examples: int) -> list[tuple[Tensor, Tensor]]:
+    """`outputs` for the examples `keep` (ascending indices) alone, their rows renumbered 0..len(keep)-1."""
+    position = torch.full((num_examples,), -1, dtype=torch.long, device=keep.device)
+    position[keep] = torch.arange(len(keep), device=keep.device)
+    restricted = []
+    for rows, p in outputs:
+        new = position[rows]
+        kept = new >= 0
+        restricted.append((new[kept], p[kept]))
+    return restricted
+
+
+def _closed_form(q: Tensor, p_general: Tensor, outputs: Outputs, ids: list[Tensor], alone: Tensor) -> None:
+    """Into q's rows where one specialist is active (`alone`), the minimiser: q_c = (p^g_c + p^m_c)/2 on
+    S_m and p^g_c·(P_out + p^m_⊥)/(2·P_out) off it, P_out summed over the classes outside (only
+    non-negative terms: never 1 - p^g(S_m), which cancels). O(C) per example, as the softmax."""
+    tiny = torch.finfo(p_general.dtype).tiny
+    for (rows, p), s in zip(outputs, ids):
+        mine = alone[rows]
+        rows, p = rows[mine], p[mine]
+        if not len(rows):
+            continue
+        g = p_general[rows]
+        inside = g[:, s]
+        g[:, s] = 0
+        outside = g.sum(dim=1, keepdim=True)
+        g *= (outside + p[:, -1:]) / (2 * outside.clamp_min(tiny))
+        g[:, s] = (inside + p[:, :-1]) / 2
+        q[rows] = g
+
+
+def _within_subset(q: Tensor, p_general: Tensor, outputs: Outputs, ids: list[Tensor]) -> Tensor:
+    """Into q (p^g, or p_general itself), on each active S_m, p^g(S_m) · p^m_c / Σ_{S_m} p^m, p^g
+    elsewhere; the mean over the active specialists, built as p^g plus each active one's change on its
+    own subset divided by |A| (all changes computed before any is added: q may be p_general):
+    O(Σ_m rows_m·|S_m|). Where the specialist's mass on S_m underflowed to 0, the generalist's
+    distribution within S_m."""
+    tiny = torch.finfo(p_general.dtype).tiny
+    num_active = _num_active(outputs, len(p_general), p_general.device).to(p_general.dtype)
+    changes = []
+    for (rows, p), s in zip(outputs, ids):
+        general = p_general[rows[:, None], s]  # (rows, |S_m|) p^g on the subset
+        general_mass = general.sum(dim=1, keepdim=True)  # p^g(S_m)
+        inside = p[:, :-1]
+        mass = inside.sum(dim=1, keepdim=True)  # Σ_{S_m} p^m: not 1 - p^m_⊥, which cancels
+        within = torch.where(mass > 0, inside / mass.clamp_min(tiny), general / general_mass.clamp_min(tiny))
+        changes.append((general_mass * within - general) / num_active[rows, None])
+    for (rows, _), s, change in zip(outputs, ids, changes):
+        q.index_put_((rows[:, None], s), change, accumulate=True)
+    return q
 
 
 def objective(p_general: Tensor, specialist_probs: Sequence[Tensor], subsets: Sequence[Sequence[int] | Tensor],
               q: Tensor, top_n: int | None = 1) -> Tensor:
     """(B,) KL(p^g ‖ q) + Σ_{m∈A_b} KL(p^m ‖ q^m) per example, with 0·log 0 = 0 and log q clamped at
     the dtype's smallest normal number (so a q of 0 where p > 0 costs a large, finite penalty)."""
-    problem = _prepare(p_general, specialist_probs, subsets, top_n)
+    ids = _check_subsets(subsets, p_general)
+    problem = _prepare(p_general, active_outputs(p_general, specialist_probs, ids, top_n), ids)
     if not isinstance(q, Tensor) or q.shape != p_general.shape:
         raise ValueError(f"q must be a tensor of p_general's shape {tuple(p_general.shape)}")
     q = q.to(p_general).t()
@@ -171,22 +272,35 @@ def em_step(weights: _Weights, q: Tensor) -> Tensor:
     return spread.mul_(q).addcmul_(weights.k, share)
 
 
-def _fixed_point(problem: _Problem, tol: float, max_iter: int) -> Tensor:
-    """`_em` on blocks of examples whose (C, b) tensors take at most BLOCK_BYTES (and at least MIN_BLOCK
-    examples), with a RuntimeWarning if max_iter stopped it before tol. At thousands of classes and
-    examples every fresh (C, B) tensor is memory the system maps page by page, at a cost beyond a pass of
-    arithmetic over it; blocks of this size reuse freed memory instead (bench/combine_speed.py measures
-    the solver). Examples with no active specialist keep q = p^g and take no iteration."""
-    num_classes = problem.general.shape[0]
-    width = max(MIN_BLOCK, BLOCK_BYTES // (max(1, num_classes) * problem.general.element_size()))
-    q, converged = problem.general, True  # made by _prepare for this call: solved in place
-    active = (problem.weights.num_active > 0).nonzero()[:, 0]
-    for start in range(0, len(active), width):
-        block = active[start:start + width]
-        q[:, block], done = _em(problem.weights.columns(block), q[:, block], tol, max_iter)
-        converged &= done
+def _fixed_point(p_general: Tensor, outputs: Outputs, ids: list[Tensor], cells: Cells, tol: float,
+                 max_iter: int) -> Tensor:
+    """q (B, C) for examples with active specialists (outputs), by EM on the masses of the cells, then
+    each cell's mass shared out in proportion to k_c.
+
+    Classes of one cell get the same factor in every EM update, so the cell masses Q_j follow EM on the
+    same objective over cells (k summed per cell) whatever happens inside a cell, and for given cell
+    masses f is least with q_c = Q_j·k_c/K_j inside each: the fixed point itself, and at any iterate
+    an objective no higher than the class-level EM iterate's. An iteration costs O(B·M·K) instead of
+    O(B·(C + M·K)); K, the cells, is M + 1 for a partition and a few per subset for overlapping ones.
+    Nothing of size C × B is made but p^g's rows and q. A RuntimeWarning if max_iter stopped it
+    before tol."""
+    num_examples, num_cells = len(p_general), cells.outside.shape[1]
+    masses = p_general.new_zeros(num_examples, num_cells).index_add_(1, cells.cell, p_general)  # EM's start: p^g
+    weight = masses.clone()  # K_j = Σ_{c in j} k_c
+    dustbin = p_general.new_zeros(len(ids), num_examples)
+    for m, ((rows, p), s) in enumerate(zip(outputs, ids)):
+        weight[rows] += p.new_zeros(len(rows), num_cells).index_add_(1, cells.cell[s], p[:, :-1])
+        dustbin[m, rows] = p[:, -1]
+    reduced = _Weights(k=weight.t().contiguous(), dustbin=dustbin,
+                       num_active=_num_active(outputs, num_examples, p_general.device).to(p_general.dtype),
+                       cell=torch.arange(num_cells, device=p_general.device), outside=cells.outside)
+    masses, converged = _em(reduced, masses.t().contiguous(), tol, max_iter)
     if not converged:
         _warn_unconverged("fixed_point", max_iter, tol)
+    share = torch.where(weight > 0, masses.t() / weight.clamp_min(torch.finfo(weight.dtype).tiny), 0)  # (B, K)
+    q = p_general * share.index_select(1, cells.cell)
+    for (rows, p), s in zip(outputs, ids):
+        q.index_put_((rows[:, None], s), p[:, :-1] * share[rows][:, cells.cell[s]], accumulate=True)
     return q
 
 
@@ -195,10 +309,13 @@ def _em(weights: _Weights, q: Tensor, tol: float, max_iter: int) -> tuple[Tensor
     iteration is one evaluation of `em_step`. The first PLAIN_STEPS iterations are plain steps q ← F(q):
     the first solves an example with one active specialist exactly (the closed form), so it stops
     there; examples that converge fast stop within them. Then each `_squarem` step costs three
-    iterations; a max_iter ending inside one ends with plain steps instead, so q after k iterations is
-    the k-th iterate, and f never increases from one iterate to the next. Once a quarter of the examples
-    still iterating have converged, the rest go on as a smaller problem. Returns each example's last
-    iterate (in q's memory: q is used up) and whether every example converged."""
+    iterations; a max_iter ending inside one ends with plain steps instead. Between the plain steps and
+    SQUAREM, `_newton` jumps each example still moving to the minimum, where that lowers f (it does but
+    for the rare example whose minimum lies beyond float precision in Newton's variables): EM's own
+    steps then confirm convergence, or go on. f never increases from one iterate to the next. Once a
+    quarter of the examples still iterating have converged, the rest go on as a smaller problem.
+    Returns each example's last iterate (in q's memory: q is used up) and whether every example
+    converged."""
     result, todo = q, torch.arange(q.shape[1], device=q.device)  # the examples still iterating
     q, step_max = q.clone(), torch.ones_like(weights.num_active)  # SQUAREM's β_max per example
     iterations, converged = 0, False
@@ -206,18 +323,98 @@ def _em(weights: _Weights, q: Tensor, tol: float, max_iter: int) -> tuple[Tensor
         if iterations < PLAIN_STEPS or max_iter - iterations < 3:
             new = em_step(weights, q)
             moving = _max_abs(q.sub_(new)) >= tol  # q is spent: it holds q - new
-            if iterations == 0:
-                moving &= weights.num_active > 1  # one active specialist: the closed form, reached
             iterations += 1
         else:
             new, moving, step_max = _squarem(weights, q, step_max, tol)
             iterations += 3
-        q, converged = new, not moving.any()
-        if not converged and 4 * int(moving.sum()) <= 3 * len(todo):
+        q, converged, newton = new, not moving.any(), iterations == PLAIN_STEPS
+        if newton and not converged:  # Newton's answer where it lowers f
+            jumped = _newton(weights, q)
+            q = torch.where(_gain(weights, q, jumped) >= 0, jumped, q)
+        if not converged and (newton or 4 * int(moving.sum()) <= 3 * len(todo)):
             result[:, todo] = q
             todo, q, weights, step_max = todo[moving], q[:, moving], weights.columns(moving), step_max[moving]
     result[:, todo] = q
     return result, converged
+
+
+def _newton(weights: _Weights, q: Tensor) -> Tensor:
+    """The minimiser of f for each example (column of q), by Newton's method on the dual, from q.
+
+    With r_a = p^a_⊥ / Q_a for the active specialists a, the minimum has q_j = K_j / t_j on each cell,
+    t_j = 1 + |A| - Σ_{a: j outside S_a} r_a, and r is the minimum of the convex function
+    φ(r) = -Σ_j K_j log t_j - Σ_a p^a_⊥ log r_a, whose gradient is Q_a(r) - p^a_⊥/r_a: |A| unknowns
+    per example, not C. Only which active subsets a cell lies outside matters, so cells are merged
+    into the 2^|A| possible patterns (each pattern's mass shared out in proportion to K_j, as at the
+    minimum). Damped Newton (backtracking until φ falls and r, t stay positive) converges
+    quadratically where EM crawls; t_j is a difference of numbers of order 1 + |A|, so where q_j is
+    far above K_j the answer is exact only to about eps·(1 + |A|)/t_j relatively (1e-9 in the tests'
+    slow case): EM's steps after it finish the job. Examples with more than NEWTON_ACTIVE active
+    specialists are left to EM."""
+    free = weights.dustbin > 0
+    width = max(1, int(free.sum(0).max()))  # active specialists (with a dustbin mass) per example, padded
+    if width > NEWTON_ACTIVE:
+        return q
+    order = free.t().to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]  # (B, A)
+    valid = free.t().gather(1, order)
+    bits = 2 ** torch.arange(width, device=q.device)
+    pattern = torch.einsum("bak,ba->bk", weights.outside[order] * valid[..., None], (bits * valid).to(q.dtype)).long()
+    merged = (torch.arange(2**width, device=q.device)[None] // bits[:, None] % 2).to(q.dtype)  # (A, 2^A) outside
+    k = weights.k.t()
+    cells_k = k.new_zeros(len(k), 2**width).scatter_add_(1, pattern, k)
+    cells_q = k.new_zeros(len(k), 2**width).scatter_add_(1, pattern, q.t())
+    d = weights.dustbin.t().gather(1, order) * valid
+    r = torch.where(valid, d / (cells_q @ merged.t()).clamp_min(torch.finfo(q.dtype).tiny), 0)
+    masses = _newton_cells(cells_k, d, valid, merged, 1 + weights.num_active, r)
+    share = torch.where(cells_k > 0, masses / cells_k.clamp_min(torch.finfo(q.dtype).tiny), 0)
+    return (k * share.gather(1, pattern)).t()
+
+
+def _newton_cells(k: Tensor, d: Tensor, valid: Tensor, outside: Tensor, total: Tensor, r: Tensor) -> Tensor:
+    """`_newton` on merged cells, example-major: k (B, P) the patterns' weights, d (B, A) dustbin masses,
+    valid (B, A) which of the A slots hold an active specialist, outside (A, P) 1 where pattern p lies
+    outside slot a's subset, total (B,) 1 + |A|, r (B, A) the start. Returns the masses K_p / t_p (B, P),
+    renormalised, and which examples converged."""
+    live, tiny, out = k > 0, torch.finfo(k.dtype).tiny, outside
+
+    def phi(r: Tensor) -> tuple[Tensor, Tensor]:
+        t = total[:, None] - r @ out
+        feasible = ((t > 0) | ~live).all(1) & ((r > 0) | ~valid).all(1)
+        value = -(k * torch.where(live, t, 1).log()).sum(1) - (d * torch.where(valid, r, 1).log()).sum(1)
+        return torch.where(feasible, value, torch.inf), t
+
+    value, t = phi(r)
+    start = value.isinf()  # q's r leaves the domain: start where every t_p ≥ 1 instead
+    r = torch.where(start[:, None], d, r)
+    value, t = phi(r)
+    done = torch.zeros_like(valid[:, 0])
+    for _ in range(NEWTON_STEPS):
+        mass = torch.where(live, k / t, 0)  # q_p at r
+        inverse = torch.where(valid, 1 / r.clamp_min(tiny), 0)
+        grad = torch.where(valid, mass @ out.t() - d * inverse, 0)
+        curvature = mass / torch.where(live, t, 1)  # K_p / t_p²
+        hessian = torch.einsum("ap,cp,bp->bac", out, out, curvature) + torch.diag_embed(
+            torch.where(valid, d * inverse**2, 1))
+        hessian = torch.where(valid[:, :, None] & valid[:, None, :], hessian, torch.diag_embed(
+            torch.where(valid, 0.0, 1.0).to(k.dtype)) + hessian * torch.eye(len(out), dtype=k.dtype, device=k.device))
+        step = -torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
+        decrement = -(grad * step).sum(1)  # the decrease Newton's model predicts, twice
+        done |= ~(decrement > 16 * torch.finfo(k.dtype).eps * value.abs().clamp_min(1))
+        if done.all():
+            break
+        alpha = torch.where(done, 0.0, 1.0).to(k.dtype)
+        for _ in range(60):  # backtracking: φ falls by at least a quarter of the predicted decrease
+            trial, trial_t = phi(r + alpha[:, None] * step)
+            good = done | (trial <= value - alpha * decrement / 4)
+            if good.all():
+                break
+            alpha = torch.where(good, alpha, alpha / 2)
+        take = ~done & good
+        r = torch.where(take[:, None], r + alpha[:, None] * step, r)
+        value, t = torch.where(take, trial, value), torch.where(take[:, None], trial_t, t)
+        done |= ~good  # no step lowers φ beyond rounding: as close as its variables allow
+    mass = torch.where(live, k / t, 0)
+    return mass / mass.sum(1, keepdim=True)
 
 
 def _squarem(weights: _Weights, q: Tensor, step_max: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -364,44 +561,50 @@ def _xlogx(p: Tensor) -> Tensor:
     return torch.special.xlogy(p, p).sum(0)
 
 
-def _prepare(p_general: Tensor, specialist_probs: Sequence[Tensor],
-             subsets: Sequence[Sequence[int] | Tensor], top_n: int | None) -> _Problem:
-    """Check the inputs and build the class-major tensors both solvers and `objective` use."""
-    _check_probs(p_general, "p_general")
+def _prepare(p_general: Tensor, outputs: Outputs, ids: list[Tensor]) -> _Problem:
+    """The class-major tensors the iterative solvers and `objective` use, from checked inputs."""
     num_examples, num_classes = p_general.shape
-    if len(specialist_probs) != len(subsets):
-        raise ValueError(f"len(specialist_probs) = {len(specialist_probs)} but len(subsets) = {len(subsets)}: "
-                         "one probability tensor per subset")
-    ids = [_check_subset(s, m, num_classes, p_general.device) for m, s in enumerate(subsets)]
-    probs = [_check_probs(torch.as_tensor(p).to(p_general), f"specialist_probs[{m}]", (num_examples, len(s) + 1))
-             for m, (p, s) in enumerate(zip(specialist_probs, ids))]
-    active = _active(p_general, ids, top_n)  # (M, B)
     sizes = torch.tensor([len(s) for s in ids], dtype=torch.long, device=p_general.device)
     index = torch.cat([sizes.new_zeros(0), *ids])
-    owner = torch.repeat_interleave(torch.arange(len(ids), device=p_general.device), sizes)
-    inside = torch.cat([p_general.new_zeros(0, num_examples), *(p[:, :-1].t() for p in probs)])
-    inside *= active.index_select(0, owner)
-    dustbin = torch.stack([p[:, -1] for p in probs]) * active if probs else p_general.new_zeros(0, num_examples)
+    inside = p_general.new_zeros(len(index), num_examples)  # p^m_c at each subset entry where m is active
+    dustbin = p_general.new_zeros(len(ids), num_examples)
+    num_active = p_general.new_zeros(num_examples)
+    start = 0
+    for m, ((rows, p), s) in enumerate(zip(outputs, ids)):
+        inside[start:start + len(s), rows] = p[:, :-1].t()
+        dustbin[m, rows] = p[:, -1]
+        num_active[rows] += 1
+        start += len(s)
     general = p_general.t().clone(memory_format=torch.contiguous_format)  # a copy even for one example: solved in place
-    cell, outside = _cells(index, owner, num_classes, len(ids), p_general)
-    k, num_active = general.index_add(0, index, inside), active.sum(0)
-    weights = _Weights(k=k, dustbin=dustbin, num_active=num_active, cell=cell, outside=outside)
-    return _Problem(weights=weights, general=general, inside=inside, active=active, index=index, owner=owner)
+    cells = _cells(ids, p_general)
+    weights = _Weights(k=general.index_add(0, index, inside), dustbin=dustbin, num_active=num_active,
+                       cell=cells.cell, outside=cells.outside)
+    return _Problem(weights=weights, general=general, inside=inside)
 
 
-def _cells(index: Tensor, owner: Tensor, num_classes: int, num_subsets: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """Each class's cell (C,), and the (M, K) matrix, in `like`'s dtype, with 1 where cell k is outside
-    S_m: a cell is the set of classes that lie in exactly the same subsets."""
-    member = torch.zeros(num_classes, num_subsets, dtype=torch.bool, device=like.device)
-    member[index, owner] = True
+@dataclass(frozen=True)
+class Cells:
+    """The classes grouped by the subsets they lie in: what EM needs of the subsets."""
+
+    cell: Tensor  # (C,) each class's cell: classes in exactly the same subsets share one
+    outside: Tensor  # (M, K) 1 where cell k lies outside S_m, else 0, in the probabilities' dtype
+
+
+def _cells(ids: list[Tensor], like: Tensor) -> Cells:
+    """The `Cells` of the subsets `ids` over like's C classes (like: (B, C) probabilities)."""
+    num_classes, num_subsets = like.shape[1], len(ids)
     if num_subsets == 0:
-        return torch.zeros(num_classes, dtype=torch.long, device=like.device), like.new_zeros(0, 1)
+        return Cells(torch.zeros(num_classes, dtype=torch.long, device=like.device), like.new_zeros(0, 1))
+    member = torch.zeros(num_classes, num_subsets, dtype=torch.bool, device=like.device)
+    for m, s in enumerate(ids):
+        member[s, m] = True
     signatures, cell = torch.unique(member, dim=0, return_inverse=True)
-    return cell, (~signatures).t().to(like.dtype).contiguous()
+    return Cells(cell, (~signatures).t().to(like.dtype).contiguous())
 
 
 def _active(p_general: Tensor, ids: list[Tensor], top_n: int | None) -> Tensor:
-    """(M, B) 1.0 where specialist m is active for example b: S_m meets p^g_b's top_n classes.
+    """(M, B) 1.0 where specialist m is active for example b: S_m meets p^g_b's top_n classes (p_general
+    may be the logits: the same top classes).
     A (C, M) membership table looked up at the top classes: (B, top_n, M), never B×M×C."""
     num_examples, num_classes = p_general.shape
     if top_n is None:
@@ -411,7 +614,7 @@ def _active(p_general: Tensor, ids: list[Tensor], top_n: int | None) -> Tensor:
     member = torch.zeros(num_classes, len(ids), dtype=torch.bool, device=p_general.device)
     for m, s in enumerate(ids):
         member[s, m] = True
-    top = p_general.topk(min(top_n, num_classes), dim=1).indices
+    top = p_general.argmax(dim=1, keepdim=True) if top_n == 1 else p_general.topk(min(top_n, num_classes), dim=1).indices
     return member[top].any(dim=1).t().to(p_general.dtype)
 
 
@@ -429,6 +632,11 @@ def _check_probs(p: Tensor, name: str, shape: tuple[int, int] | None = None) -> 
     if p.numel() and not ((p.sum(1) - 1).abs() <= SUM_TOLERANCE).all():
         raise ValueError(f"{name}'s rows must sum to 1 (within {SUM_TOLERANCE}): pass probabilities, not logits")
     return p
+
+
+def _check_subsets(subsets: Sequence[Sequence[int] | Tensor], p_general: Tensor) -> list[Tensor]:
+    """Each subset checked by `_check_subset`, on p_general's device."""
+    return [_check_subset(s, m, p_general.shape[1], p_general.device) for m, s in enumerate(subsets)]
 
 
 def _check_subset(subset: Sequence[int] | Tensor, m: int, num_classes: int, device: torch.device) -> Tensor:
@@ -451,5 +659,4 @@ def active_specialists(p_general: Tensor, subsets: Sequence[Sequence[int] | Tens
     """(M, B) bool: specialist m is active for example b, its subset holding one of p^g_b's top_n classes
     (all are for top_n=None). The rule `combine` applies; `Combiner` uses it to run only those."""
     _check_probs(p_general, "p_general")
-    ids = [_check_subset(s, m, p_general.shape[1], p_general.device) for m, s in enumerate(subsets)]
-    return _active(p_general, ids, top_n).bool()
+    return _active(p_general, _check_subsets(subsets, p_general), top_n).bool()

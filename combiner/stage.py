@@ -17,102 +17,152 @@ an ensemble that does not pay.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from baselines import baseline_rows
 from ensemble.config import Config
-from ensemble.data import Images, load_data
+from ensemble.data import Images, image_batches, load_data
 from ensemble.layout import RunDir
-from ensemble.metrics import conditional_top1
+from ensemble.metrics import conditional_counts
 from ensemble.rundir import load_tensors, write_json, write_text
-from ensemble.train import predict_logits_of, resolve_device
-from specialists import load_specialists
+from ensemble.train import resolve_device
 
+from .api import Combiner, load_ensemble
 from .plots import plot_table4
-from .solver import active_specialists, combine
+from .solver import Outputs, active_specialists, combine_active
 
-ROWS = 2048  # test examples combined at a time
+BLOCK_BYTES = 2**28  # the evaluation works on blocks of images whose (images × classes) float64 tensors take
+#   256 MiB at most: 2,236 images at 15,000 classes, 335 at 100,000
 LABELS = {"fixed_point": "KL combiner", "gradient": "KL combiner", "within_subset": "within-subset combiner"}
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
-    """Run every specialist on the test set once, combine for each setting, write `eval.json`,
+    """Run the ensemble on the test set, a block of images at a time (each specialist on the examples it is
+    active for at the largest `combine.top_n`), combine for each setting, write `eval.json`,
     `tables.md` and `table4.png`."""
     paths = RunDir(run_dir)
     data = load_data(cfg.data)
-    loaded = load_specialists(run_dir, cfg)
-    specialists, subsets = loaded.nets, loaded.subsets
-    preds = load_tensors(paths.generalist.predictions)
-    p_general, labels = preds["test_probs"].double(), preds["test_labels"]
     device = resolve_device(cfg.device)
-    batch = cfg.specialists.train.eval_batch_size
-    probs = [z.double().softmax(dim=1) for z in predict_logits_of(specialists, data.x_test, device=device,
-                                                                  batch_size=batch)]
-    classes = [torch.tensor(s) for s in subsets]
+    ensemble = load_ensemble(run_dir, cfg)
+    combiner = Combiner(ensemble.generalist, ensemble.specialists, ensemble.subsets, top_n=max(cfg.combine.top_n),
+                        device=device, input_shape=ensemble.input_shape)
+    classes, labels = combiner.subsets, data.y_test
 
     first = cfg.combine.top_n[0]
     method, choice = cfg.combine.method, None
     if method == "auto":
-        method, choice = choose_method(specialists, classes, first, preds["val_probs"].double(), preds["val_labels"],
-                                       data.x_val, device, batch)
+        method, choice = choose_method(combiner, first, data.x_val, data.y_val, data.num_classes)
         print(f"combine.method=auto: {method} (validation top-1 "
               + ", ".join(f"{m} {v:.4f}" for m, v in choice.items()) + ")", flush=True)
 
-    systems = {"generalist": (p_general, None)}
     label = LABELS[method]
-    for n in cfg.combine.top_n:
-        systems[f"{label}, top_n={n}"] = (_by_rows(
-            lambda g, ps, n=n: combine(g, ps, classes, top_n=n, method=method), p_general, probs), n)
-    systems[f"average, top_n={first}"] = (_by_rows(
-        lambda g, ps: average_combine(g, ps, classes, first), p_general, probs), first)
-    systems[f"lowest dustbin, top_n={first}"] = (_by_rows(
-        lambda g, ps: lowest_dustbin_combine(g, ps, classes, first), p_general, probs), first)
     other = "fixed_point" if method == "within_subset" else "within_subset"
-    systems[f"{LABELS[other]}, top_n={first}"] = (_by_rows(
-        lambda g, ps: combine(g, ps, classes, top_n=first, method=other), p_general, probs), first)
+    systems = {"generalist": (lambda g, outputs: g, None)}
+    for n in cfg.combine.top_n:
+        systems[f"{label}, top_n={n}"] = (lambda g, outputs: combine_active(g, outputs, classes, method), n)
+    systems[f"average, top_n={first}"] = (lambda g, outputs: average_combine(g, outputs, classes), first)
+    systems[f"lowest dustbin, top_n={first}"] = (lambda g, outputs: lowest_dustbin_combine(g, outputs, classes), first)
+    systems[f"{LABELS[other]}, top_n={first}"] = (lambda g, outputs: combine_active(g, outputs, classes, other), first)
+    results = evaluate_systems(combiner, systems, data.x_test, labels, data.num_classes)
 
-    table3 = [{"system": name, "active_specialists": _mean_active(p_general, classes, n),
-               "test_top1": _top1(q, labels), "conditional_top1": conditional_top1(q, labels, classes)}
-              for name, (q, n) in systems.items()]
-    table4 = {name: table4_rows(p_general, q, labels, classes, n)
-              for name, (q, n) in systems.items() if name.startswith(label)}
+    general = results["generalist"]
+    table3 = [{"system": name, "test_top1": results[name].right.double().mean().item(),
+               "active_specialists": 0.0 if n is None else general.active[n].sum(0).double().mean().item(),
+               "conditional_top1": results[name].hits / results[name].pairs if results[name].pairs else math.nan}
+              for name, (_, n) in systems.items()]
+    table4 = {name: table4_rows(general.right, results[name].right, general.active[n], labels, classes)
+              for name, (_, n) in systems.items() if name.startswith(label)}
     headline = table3[1]
-    ensemble_right = systems[headline["system"]][0].argmax(dim=1) == labels
-    rivals = {"generalist": (p_general.argmax(dim=1) == labels, table3[0]["test_top1"])}
+    rivals = {"generalist": (general.right, table3[0]["test_top1"])}
     for row in baseline_rows(run_dir):
         pred = load_tensors(paths.baseline(row["budget"]).predictions)["test_pred"]
         rivals[f"{row['system']} ({row['epochs']} epochs)"] = (pred == labels, row["test_top1"])
-    verdict = compare(ensemble_right, rivals)
+    verdict = compare(results[headline["system"]].right, rivals)
     imported = cfg.generalist.checkpoint
     summary = {
         "method": method, "generalist_top1": table3[0]["test_top1"], "ensemble_top1": headline["test_top1"],
         "relative_gain": headline["test_top1"] / table3[0]["test_top1"] - 1,
         "generalist_conditional_top1": table3[0]["conditional_top1"],
         "ensemble_conditional_top1": headline["conditional_top1"], "top_n": first,
-        "num_specialists": len(subsets), "verdict": verdict[-1]["call"], "verdict_rival": verdict[-1]["rival"],
+        "num_specialists": len(classes), "verdict": verdict[-1]["call"], "verdict_rival": verdict[-1]["rival"],
         "verdict_difference": verdict[-1]["difference"], "generalist_imported": imported,
     }
     write_json(paths.evaluation, {**summary, "device": str(device), "method_choice": choice, "table3": table3,
                                    "table4": table4, "comparisons": verdict})
-    text = tables_markdown(table3, table4, len(subsets)) + "\n" + verdict_markdown(verdict, imported)
+    text = tables_markdown(table3, table4, len(classes)) + "\n" + verdict_markdown(verdict, imported)
     write_text(paths.tables, text)
     plot_table4(paths.stage("combiner") / "table4.png", table4)
     print(text, flush=True)
     return summary
 
 
+@dataclass
+class Result:
+    """What the tables need of one system on a labelled set, gathered block by block: whether
+    its top-1 is right per example, its conditional top-1 counts, and the active specialists (M, N) at
+    each top_n the systems use."""
+
+    right: torch.Tensor
+    hits: int
+    pairs: int
+    active: dict[int, torch.Tensor]
+
+
+System = Callable[[torch.Tensor, Outputs], torch.Tensor]
+
+
+def evaluate_systems(combiner: Combiner, systems: dict[str, tuple[System, int | None]], x: Images,
+                     labels: torch.Tensor, num_classes: int) -> dict[str, Result]:
+    """Each system's `Result` on images `x`: the ensemble runs once per block of images (BLOCK_BYTES: the
+    specialists at the combiner's top_n, the largest), and each system combines the specialists active
+    at its own top_n. Nothing of size examples × classes is kept: q of 30,000 test images over 15,000
+    classes would take 1.8 GB in float32 per system."""
+    right = {name: [] for name in systems}
+    counts = {name: [0, 0] for name in systems}
+    active = {n: [] for _, n in systems.values() if n is not None}
+    start = 0
+    for xb in image_batches(x, max(1, BLOCK_BYTES // (8 * num_classes))):
+        p_general, outputs = combiner.outputs(xb, dtype=torch.float64)  # the KL combiner among the systems
+        y = labels[start:start + len(xb)].to(p_general.device)
+        masks = {n: active_specialists(p_general, combiner.subsets, n) for n in active}
+        for n, mask in masks.items():
+            active[n].append(mask.cpu())
+        for name, (system, n) in systems.items():
+            q = system(p_general, outputs if n is None else only_active(outputs, masks[n]))
+            right[name].append((q.argmax(dim=1) == y).cpu())
+            hits, pairs = conditional_counts(q, y, combiner.subsets)
+            counts[name][0] += hits
+            counts[name][1] += pairs
+        start += len(xb)
+    stacked = {n: torch.cat(masks, dim=1) for n, masks in active.items()}
+    return {name: Result(torch.cat(right[name]), *counts[name], stacked) for name in systems}
+
+
+def only_active(outputs: Outputs, active: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`outputs` (each specialist's rows and probabilities) kept where `active` (M, B) holds: the
+    specialists of a smaller top_n, out of those run for a larger one."""
+    kept = []
+    for (rows, p), mask in zip(outputs, active):
+        keep = mask[rows]
+        kept.append((rows[keep], p[keep]))
+    return kept
+
+
 AUTO = ("fixed_point", "within_subset")  # combine.method=auto chooses between these; a tie goes to the paper's
 
 
-def choose_method(specialists: list, classes: list[torch.Tensor], top_n: int, p_general: torch.Tensor,
-                  labels: torch.Tensor, x_val: Images, device: torch.device, batch: int) -> tuple[str, dict]:
+def choose_method(combiner: Combiner, top_n: int, x_val: Images, labels: torch.Tensor,
+                  num_classes: int) -> tuple[str, dict]:
     """`combine.method=auto`: of the KL and the within-subset combiners, the one with the higher top-1 on
-    the validation set (`p_general`, `labels`: the generalist's there), and each one's validation top-1."""
-    probs = [z.double().softmax(dim=1) for z in predict_logits_of(specialists, x_val, device=device, batch_size=batch)]
-    top1 = {m: _top1(_by_rows(lambda g, ps, m=m: combine(g, ps, classes, top_n=top_n, method=m), p_general, probs),
-                     labels) for m in AUTO}
+    the validation set, and each one's validation top-1."""
+    classes = combiner.subsets
+    systems = {m: (lambda g, outputs, m=m: combine_active(g, outputs, classes, m), top_n) for m in AUTO}
+    results = evaluate_systems(combiner, systems, x_val, labels, num_classes)
+    top1 = {m: results[m].right.double().mean().item() for m in AUTO}
     return max(AUTO, key=top1.get), top1
 
 
@@ -162,14 +212,12 @@ def verdict_markdown(rows: list[dict], imported: str | None = None) -> str:
     return "\n".join(lines + ["", advice]) + "\n"
 
 
-def table4_rows(p_general: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, subsets: list[torch.Tensor],
-                top_n: int) -> list[dict]:
-    """By the number of active specialists covering the true class: examples, Δ correct, relative Δ."""
-    active = active_specialists(p_general, subsets, top_n)  # (M, B)
-    covers = torch.stack([torch.isin(labels, s) for s in subsets])  # (M, B)
+def table4_rows(before: torch.Tensor, after: torch.Tensor, active: torch.Tensor, labels: torch.Tensor,
+                subsets: list[torch.Tensor]) -> list[dict]:
+    """By the number of active specialists (`active`, (M, N)) covering the true class: examples,
+    Δ correct against the generalist (right per example `before`, the ensemble `after`), relative Δ."""
+    covers = torch.stack([torch.isin(labels, s.cpu()) for s in subsets])  # (M, N)
     k = (active & covers).sum(dim=0)
-    before = p_general.argmax(dim=1) == labels
-    after = q.argmax(dim=1) == labels
     rows = []
     for value in range(int(k.max()) + 1 if len(k) else 0):
         rows_k = k == value
@@ -179,14 +227,6 @@ def table4_rows(p_general: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, 
             rows.append({"covering_specialists": value, "test_examples": int(rows_k.sum()), "delta_correct": delta,
                          "relative_change": delta / base if base else None})
     return rows
-
-
-def _by_rows(combiner, p_general: torch.Tensor, probs: list[torch.Tensor]) -> torch.Tensor:
-    """combiner(p_general, probs) on ROWS test examples at a time, kept in float32: the combiners'
-    working memory is a few (C × examples) tensors, and q of 30,000 examples over 15,000 classes is
-    1.8 GB in float32."""
-    return torch.cat([combiner(p_general[i:i + ROWS], [p[i:i + ROWS] for p in probs]).float()
-                      for i in range(0, len(p_general), ROWS)])
 
 
 def expand(p_general: torch.Tensor, p_specialist: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
@@ -200,27 +240,26 @@ def expand(p_general: torch.Tensor, p_specialist: torch.Tensor, subset: torch.Te
     return full
 
 
-def average_combine(p_general: torch.Tensor, probs: list[torch.Tensor], subsets: list[torch.Tensor],
-                    top_n: int) -> torch.Tensor:
+def average_combine(p_general: torch.Tensor, outputs: Outputs, subsets: list[torch.Tensor]) -> torch.Tensor:
     """The mean of the generalist's distribution and the active specialists' expanded ones."""
-    active = active_specialists(p_general, subsets, top_n).to(p_general.dtype)
-    total = p_general.clone()
-    for p, s, a in zip(probs, subsets, active):
-        total += a[:, None] * expand(p_general, p, s)
-    return total / (1 + active.sum(dim=0))[:, None]
+    total, count = p_general.clone(), torch.ones(len(p_general), dtype=p_general.dtype, device=p_general.device)
+    for (rows, p), s in zip(outputs, subsets):
+        total[rows] += expand(p_general[rows], p, s)
+        count[rows] += 1
+    return total / count[:, None]
 
 
-def lowest_dustbin_combine(p_general: torch.Tensor, probs: list[torch.Tensor], subsets: list[torch.Tensor],
-                           top_n: int) -> torch.Tensor:
+def lowest_dustbin_combine(p_general: torch.Tensor, outputs: Outputs, subsets: list[torch.Tensor]) -> torch.Tensor:
     """The expanded distribution of the active specialist most sure the input is one of its classes
     (lowest dustbin probability); the generalist's where no specialist is active."""
-    active = active_specialists(p_general, subsets, top_n)
-    dustbin = torch.stack([p[:, -1] for p in probs]).masked_fill(~active, float("inf"))  # (M, B)
+    dustbin = torch.full((len(outputs), len(p_general)), float("inf"), dtype=p_general.dtype, device=p_general.device)
+    for m, (rows, p) in enumerate(outputs):
+        dustbin[m, rows] = p[:, -1]
     best = dustbin.argmin(dim=0)
     q = p_general.clone()
-    for m, (p, s) in enumerate(zip(probs, subsets)):
-        rows = (best == m) & active[m]
-        q[rows] = expand(p_general[rows], p[rows], s)
+    for m, ((rows, p), s) in enumerate(zip(outputs, subsets)):
+        mine = best[rows] == m
+        q[rows[mine]] = expand(p_general[rows[mine]], p[mine], s)
     return q
 
 
@@ -239,13 +278,3 @@ def tables_markdown(table3: list[dict], table4: dict[str, list[dict]], num_speci
 
 def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.2%}"  # None: the generalist had no correct answer to compare with
-
-
-def _top1(q: torch.Tensor, labels: torch.Tensor) -> float:
-    return (q.argmax(dim=1) == labels).double().mean().item()
-
-
-def _mean_active(p_general: torch.Tensor, subsets: list[torch.Tensor], top_n: int | None) -> float:
-    if top_n is None:
-        return 0.0
-    return active_specialists(p_general, subsets, top_n).sum(dim=0).double().mean().item()

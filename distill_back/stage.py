@@ -9,7 +9,6 @@ share of the ensemble's gain the student and the control keep, what each system 
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from ensemble.data import Data, data_fingerprint, load_data
 from ensemble.layout import NetDir, RunDir
 from ensemble.nets import Net, check_net, load_net, start_net
 from ensemble.parallel import check_workers, fit_parallel, train_storage
-from ensemble.rundir import (file_hash, load_tensors, read_json, save_tensors, tensors_metadata, write_json,
-                             write_text)
-from ensemble.train import predict_logits, resolve_device
+from ensemble.rundir import file_hash, read_json, save_tensors, write_json, write_text
+from ensemble.train import logit_batches, predict_logits, resolve_device
 
 from .loss import distillation_loss
 from .plots import plot_distill_back
@@ -87,20 +85,22 @@ def run(run_dir: Path, cfg: Config) -> dict:
 
 def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Callable[[torch.Tensor], torch.Tensor],
                   key: str, folder: NetDir, device: torch.device, desc: str) -> tuple[Net, list[dict]]:
-    """A student trained in `folder` on the soft targets of `predict_proba` (computed once, kept in
-    `soft_targets.safetensors` under `key` for a resumed run) and the hard labels; its weights go to
-    `model.safetensors`."""
+    """A student trained in `folder` on the soft targets of `predict_proba` (computed once, streamed into
+    `soft_targets/` under `key`, so that a resumed run goes on from them) and the hard labels; its
+    weights go to `model.safetensors`."""
     dcfg = cfg.distill_back
     student = make_student(cfg, data, generalist)
     x, labels = transfer_set(data, dcfg.augmented_copies, cfg.seed)
-    teacher = _cached_soft_targets(folder.soft_targets, key, predict_proba, x, dcfg.train.eval_batch_size)
+    teacher = soft_targets(folder.soft_targets, key, predict_proba, x, dcfg.train.eval_batch_size, dcfg.top_k,
+                           dcfg.temperature, desc=f"{desc}: soft targets")
     print(f"distill_back: {desc}, {parameters(student):,} parameters ({dcfg.init} start), transfer set "
           f"{len(x):,} images ({int((labels >= 0).sum()):,} labelled), T={dcfg.temperature}, alpha={dcfg.alpha}",
           flush=True)
-    history = fit_parallel(student, x, (teacher, labels), dcfg.train, folder.folder, seed=cfg.seed, device=device,
-                           launch=cfg.launch, storage=train_storage(cfg, "distill_back"), section="distill_back.train",
-                           loss_fn=lambda z, t: distillation_loss(z, t[0], t[1], temperature=dcfg.temperature,
-                                                                  alpha=dcfg.alpha),
+    history = fit_parallel(student, x, (*teacher.tensors(), labels), dcfg.train, folder.folder, seed=cfg.seed,
+                           device=device, launch=cfg.launch, storage=train_storage(cfg, "distill_back"),
+                           section="distill_back.train",
+                           loss_fn=lambda z, t: distillation_loss(z, t[0] if len(t) == 2 else t[:3], t[-1],
+                                                                  temperature=dcfg.temperature, alpha=dcfg.alpha),
                            val=(data.x_val, data.y_val), desc=desc, clean_images=True)
     save_tensors(folder.weights, student.state_dict())
     return student, history
@@ -147,27 +147,14 @@ def report_markdown(rows: list[dict], summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cached_soft_targets(path: Path, key: str, predict_proba: Callable[[torch.Tensor], torch.Tensor],
-                         x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The teacher's log q on the transfer set, from `path` if an earlier (interrupted) run of this stage
-    wrote it for the same teacher and transfer set (`key`); recomputed, with a warning, where it is
-    unreadable."""
-    if path.is_file():
-        try:
-            if tensors_metadata(path).get("key") == key:
-                return load_tensors(path)["log_q"]
-        except ValueError as e:
-            print(f"warning: {e}: computing the soft targets again", file=sys.stderr, flush=True)
-    teacher = soft_targets(predict_proba, x, batch_size)
-    save_tensors(path, {"log_q": teacher}, metadata={"key": key})
-    return teacher
-
-
 def _soft_targets_key(cfg: Config, weights: list[Path], method: str) -> str:
     """What a teacher's soft targets depend on: the weights of the nets that make them (content hashes),
-    how they are combined, the transfer set."""
+    how they are combined, the transfer set, and with top-k targets k and the temperature (the tail
+    bucket is tempered)."""
+    dcfg = cfg.distill_back
     return config_hash([file_hash(w) for w in weights], cfg.combine.top_n[0], method, cfg.seed,
-                       cfg.distill_back.augmented_copies, data_fingerprint(cfg.data))
+                       dcfg.augmented_copies, data_fingerprint(cfg.data),
+                       None if dcfg.top_k is None else (dcfg.top_k, dcfg.temperature))
 
 
 def _seconds(history: list[dict]) -> float:
@@ -181,20 +168,21 @@ def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data,
     batch = cfg.distill_back.train.eval_batch_size
     if isinstance(model, Combiner):
         predict = model.predict_proba
-        p_general = predict_logits(model.generalist, data.x_test, device=device, batch_size=batch).softmax(dim=1)
-        share = active_specialists(p_general, model.subsets, model.top_n).double().mean(dim=1)  # (M,)
+        active = torch.zeros(len(model.subsets), dtype=torch.float64)  # (M,) examples each specialist is active for
+        for (logits,) in logit_batches([model.generalist], data.x_test, device=device, batch_size=batch,
+                                       channels_last=cfg.generalist.train.channels_last):
+            active += active_specialists(logits.softmax(dim=1), model.subsets, model.top_n).sum(dim=1).cpu()
+        share = active / len(data.x_test)
         nets = [model.generalist, *model.specialists]
         weights = [1.0, *share.tolist()]
     else:
         def predict(x: torch.Tensor) -> torch.Tensor:
             return predict_logits(model, x, device=device, batch_size=batch).softmax(dim=1)
         nets, weights = [model], [1.0]
-    probs, rate = timed_predictions(predict, data.x_test, batch)
-    probs, y = probs.double().cpu(), data.y_test
+    metrics, rate = timed_predictions(predict, data.x_test, data.y_test, batch)
     return {
         "system": name,
-        "test_top1": (probs.argmax(dim=1) == y).double().mean().item(),
-        "test_nll": -probs[torch.arange(len(y)), y].clamp_min(torch.finfo(torch.float32).tiny).log().mean().item(),
+        **metrics,
         "train_epochs": train_epochs,
         "parameters": sum(parameters(net) for net in nets),
         "multiply_adds": sum(w * multiply_adds(net, data.input_shape) for net, w in zip(nets, weights)),

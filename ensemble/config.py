@@ -20,6 +20,8 @@ import yaml
 
 from .layout import RunDir
 
+TOP_K = 32  # generalist.top_k's default, chosen by measurement (BENCHMARKS.md, "Sparse predictions")
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -123,6 +125,8 @@ class GeneralistConfig:
 
     net: NetConfig = field(default_factory=lambda: NetConfig(name="mlp", width=8, depth=1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=24, augment="none"))
+    top_k: int | None = field(default=TOP_K, metadata=at_least(1))  # its held-out and test predictions keep each
+    #   example's top_k probabilities and the mass of the rest (null, or top_k >= C/2: all of them, and the logits)
     checkpoint: str | None = field(default=None, metadata={"neutral": None, "by_content": True})  # a generalist you already have:
     #   weights for `net` (safetensors or a PyTorch state dict); the stage evaluates it instead of training
 
@@ -142,6 +146,8 @@ class ClusterConfig:
     statistic: Literal["covariance", "correlation"] = "correlation"
     diagonal: Literal["keep", "zero"] = "keep"
     normalise: Literal["unit", "none"] = "unit"  # scale each column to unit length before K-means
+    embedding: int | None = field(default=None, metadata=at_least(1))  # embed the matrix's columns in this many dimensions
+    #   (its top eigenvectors, from the sparse predictions: no C×C matrix); null: 256 above 4,096 classes, else the matrix
     pca_components: int | None = field(default=None, metadata=at_least(1))  # project the columns on this many principal components before K-means
     kmeans: Literal["full", "minibatch"] = "full"  # scikit-learn KMeans, or the on-line MiniBatchKMeans
     n_init: int = field(default=10, metadata=at_least(1))  # K-means restarts (seeded by the run's seed)
@@ -207,6 +213,8 @@ class DistillBackConfig:
     init: Literal["generalist", "scratch"] = "generalist"  # start from the generalist's weights (same net only)
     temperature: float = field(default=2.0, metadata=above(0))
     alpha: float = field(default=0.9, metadata=between(0, 1))  # the soft term's weight; 1 - alpha goes to the hard labels
+    top_k: int | None = field(default=TOP_K, metadata=at_least(1))  # soft targets keep each example's top_k classes
+    #   and one tail bucket with the rest's mass (null: every class)
     augmented_copies: int = field(default=0, metadata=at_least(0))  # more transfer inputs, unlabelled: the training images under random affine maps
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, lr=5e-4, warmup_epochs=0.2,
                                                                    augment="none"))  # q* is of the clean images

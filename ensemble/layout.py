@@ -2,14 +2,14 @@
 
     runs/<name>/
       manifest.json  config.yaml  env.json
-      generalist/    model.safetensors  predictions.safetensors  metrics.json  metrics.jsonl  checkpoint.pt
-      cluster/       subsets.json  covariance.safetensors  report.json  covariance.png  coverage.png
+      generalist/    model.safetensors  predictions/{val,test}-00000.safetensors ...  metrics.json  metrics.jsonl  checkpoint.pt
+      cluster/       subsets.json  covariance.safetensors (or embedding.safetensors)  report.json  covariance.png  coverage.png
       specialists/   subsets.json  report.json  specialists.png
                      m000/ ...      model.safetensors  metrics.json  metrics.jsonl  checkpoint.pt
       baselines/     report.json
                      compute/ wall_clock/   model.safetensors  predictions.safetensors  metrics.jsonl  checkpoint.pt
       combiner/      eval.json  tables.md  table4.png
-      distill_back/  soft_targets.safetensors  model.safetensors  metrics.jsonl  checkpoint.pt
+      distill_back/  soft_targets/{log_q,ids,log_tail}.npy progress.json  model.safetensors  metrics.jsonl  checkpoint.pt
                      control/ (the same)  report.json  report.md  distill_back.png
 
 Each stage's folder also keeps `.stage.json`, its own copy of its manifest entry (from which an unreadable
@@ -55,8 +55,14 @@ class NetDir:
         return self.folder / "predictions.safetensors"
 
     @property
+    def prediction_folder(self) -> Path:
+        """The generalist's chunked validation and test predictions (`ensemble.predictions`)."""
+        return self.folder / "predictions"
+
+    @property
     def soft_targets(self) -> Path:
-        return self.folder / "soft_targets.safetensors"
+        """A student's soft targets on the transfer set: .npy files filled batch by batch, and progress.json."""
+        return self.folder / "soft_targets"
 
 
 def specialist_name(m: int) -> str:
@@ -109,6 +115,10 @@ class RunDir:
     @property
     def cluster_covariance(self) -> Path:
         return self.stage("cluster") / "covariance.safetensors"
+
+    @property
+    def cluster_embedding(self) -> Path:
+        return self.stage("cluster") / "embedding.safetensors"
 
     @property
     def cluster_report(self) -> Path:

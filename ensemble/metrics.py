@@ -29,9 +29,15 @@ def conditional_top1(scores: torch.Tensor, labels: torch.Tensor, subsets: Sequen
     restricted to the subset's classes is the true class (NaN without such pairs). It tells how well a
     model separates the classes of a subset, whatever it says about the others: for a specialist, pass
     its local labels and `[arange(|S|)]`, the dustbin (local label |S|) being in no subset."""
+    hits, pairs = conditional_counts(scores, labels, subsets)
+    return hits / pairs if pairs else float("nan")
+
+
+def conditional_counts(scores: torch.Tensor, labels: torch.Tensor, subsets: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """`conditional_top1`'s hits and pairs, to be added up batch by batch."""
     hits, pairs = 0, 0
     for s in subsets:
         inside = torch.isin(labels, s)
         hits += int((s[scores[inside][:, s].argmax(dim=1)] == labels[inside]).sum())
         pairs += int(inside.sum())
-    return hits / pairs if pairs else float("nan")
+    return hits, pairs

@@ -220,7 +220,7 @@ def predict_logits_of(models: Sequence[nn.Module], x: Images, *, device: torch.d
     if not models:
         return []
     out: list[list[torch.Tensor]] = [[] for _ in models]
-    for logits in _logit_batches(models, x, device=device, batch_size=batch_size, channels_last=channels_last):
+    for logits in logit_batches(models, x, device=device, batch_size=batch_size, channels_last=channels_last):
         for rows, z in zip(out, logits):
             rows.append(z)
     return [torch.cat(rows) for rows in out]
@@ -232,7 +232,7 @@ def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.devi
     the whole set are never held at once)."""
     sums: dict[str, float] = {}
     start = 0
-    for (logits,) in _logit_batches([model], x, device=device, batch_size=batch_size, channels_last=channels_last):
+    for (logits,) in logit_batches([model], x, device=device, batch_size=batch_size, channels_last=channels_last):
         for key, value in classification_sums(logits, y[start:start + len(logits)]).items():
             sums[key] = sums.get(key, 0) + value
         start += len(logits)
@@ -240,7 +240,7 @@ def evaluate(model: nn.Module, x: Images, y: torch.Tensor, *, device: torch.devi
 
 
 @torch.no_grad()
-def _logit_batches(models: Sequence[nn.Module], x: Images, *, device: torch.device, batch_size: int,
+def logit_batches(models: Sequence[nn.Module], x: Images, *, device: torch.device, batch_size: int,
                    channels_last: bool) -> Iterator[list[torch.Tensor]]:
     """Each model's float32 CPU logits of `x`, batch by batch, in order."""
     formats = [torch.channels_last if channels_last and is_conv(m) else torch.contiguous_format for m in models]
@@ -309,9 +309,9 @@ def _rows(targets: Targets, idx: torch.Tensor, device: torch.device, pin: bool =
 
 def _correct(logits: torch.Tensor, y: Targets) -> torch.Tensor:
     """How many examples have no logit above their label's (the label: a class id, or the soft target's
-    top class). A tie with the label counts as right; unlike an argmax, this costs a fraction of a step."""
+    top class: the argmax of its dense log q, or the first of its top-k class ids). A tie with the label counts as right; unlike an argmax, this costs a fraction of a step."""
     y = y[0] if isinstance(y, tuple) else y
-    labels = y if y.ndim == 1 else y.argmax(dim=1)
+    labels = y if y.ndim == 1 else y.argmax(dim=1) if y.is_floating_point() else y[:, 0]  # top-k ids: best first
     return (logits.gather(1, labels[:, None])[:, 0] >= logits.amax(dim=1)).sum()
 
 

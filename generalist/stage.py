@@ -3,7 +3,7 @@ metrics and held-out predictions."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -12,17 +12,18 @@ from ensemble.config import Config, TrainConfig
 from ensemble.cost import parameters
 from ensemble.data import Data, Images, load_data
 from ensemble.layout import RunDir
-from ensemble.metrics import classification_metrics
+from ensemble.metrics import classification_sums
 from ensemble.nets import Net, build_net, check_net, load_weights, read_weights, start_net
 from ensemble.parallel import check_workers, fit_parallel, train_storage
+from ensemble.predictions import Chunk, sparsify, write_predictions
 from ensemble.rundir import file_hash, save_tensors, write_json, write_text
-from ensemble.train import predict_logits, resolve_device
+from ensemble.train import logit_batches, resolve_device
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
     """Train on all classes, or with `generalist.checkpoint` load that generalist instead; write
-    `model.safetensors`, `predictions.safetensors` (validation and test logits, probabilities and labels:
-    the input of the cluster stage) and `metrics.json`."""
+    `model.safetensors`, `predictions/` (its validation and test predictions, top-k or dense as
+    `generalist.top_k` says: `ensemble.predictions`; the cluster stage's input) and `metrics.json`."""
     out = RunDir(run_dir).generalist
     data = load_data(cfg.data)
     device = resolve_device(cfg.device)
@@ -45,17 +46,12 @@ def run(run_dir: Path, cfg: Config) -> dict:
         origin = {"imported": True, "imported_sha256": file_hash(Path(checkpoint))}  # no path: a moved file is the same
     save_tensors(out.weights, net.state_dict())
 
-    batch = cfg.generalist.train.eval_batch_size
-    logits = {split: predict_logits(net, x, device=device, batch_size=batch,
-                                    channels_last=cfg.generalist.train.channels_last)
-              for split, x in (("val", data.x_val), ("test", data.x_test))}
-    save_tensors(out.predictions, {
-        "val_logits": logits["val"], "val_probs": logits["val"].softmax(dim=1), "val_labels": data.y_val,
-        "test_logits": logits["test"], "test_probs": logits["test"].softmax(dim=1), "test_labels": data.y_test,
-    })
-    metrics = {
-        **classification_metrics(logits["test"], data.y_test, "test_"),
-        **classification_metrics(logits["val"], data.y_val, "val_"),
+    metrics = {}
+    for split, x, y in (("test", data.x_test, data.y_test), ("val", data.x_val, data.y_val)):
+        sums: dict[str, float] = {}
+        write_predictions(out.prediction_folder, split, _predictions(net, x, y, cfg, device, sums))
+        metrics.update({f"{split}_{key}": value / len(y) for key, value in sums.items()})
+    metrics.update({
         "epochs": len(history),
         "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "parameters": parameters(net),
@@ -63,11 +59,25 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "device": str(device),
         "train_workers": cfg.generalist.train.workers,
         **origin,
-    }
+    })
     write_json(out.metrics, metrics)
     print(f"generalist{' (imported)' if origin else ''}: test top-1 {metrics['test_top1']:.4f}  "
           f"top-5 {metrics['test_top5']:.4f}  NLL {metrics['test_nll']:.4f}", flush=True)
     return metrics
+
+
+def _predictions(net: Net, x: Images, y: torch.Tensor, cfg: Config, device: torch.device,
+                 sums: dict[str, float]) -> Iterator[Chunk]:
+    """The generalist's predictions on `x`, batch by batch, as `generalist.top_k` keeps them; adds each
+    batch's `classification_sums` into `sums`."""
+    start = 0
+    for (logits,) in logit_batches([net], x, device=device, batch_size=cfg.generalist.train.eval_batch_size,
+                                   channels_last=cfg.generalist.train.channels_last):
+        labels = y[start:start + len(logits)]
+        start += len(logits)
+        for key, value in classification_sums(logits, labels).items():
+            sums[key] = sums.get(key, 0) + value
+        yield sparsify(logits, labels, cfg.generalist.top_k)
 
 
 def check(cfg: Config) -> None:

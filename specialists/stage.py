@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ensemble.config import Config, specialist_net_config
-from ensemble.data import load_data
+from ensemble.config import Config, TrainConfig, specialist_net_config
+from ensemble.data import Images, load_data
 from ensemble.launch import run_tasks
 from ensemble.layout import NetDir, RunDir
-from ensemble.metrics import conditional_top1
+from ensemble.metrics import conditional_counts
 from ensemble.nets import BUILT_IN, load_net
 from ensemble.rundir import load_tensors, read_json, read_trained, save_trained, trained_metrics, write_json
-from ensemble.train import resolve_device
+from ensemble.train import logit_batches, resolve_device
 
 from .heads import make_head
 from .plots import plot_specialists
@@ -44,8 +44,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
         "skipped": skipped})
 
     generalist_state = load_tensors(paths.generalist.weights)
-    load_net(cfg.generalist.net, data.input_shape, data.num_classes, generalist_state,
-             f"the generalist's weights {paths.generalist.weights}")  # fail here, before any task starts
+    generalist = load_net(cfg.generalist.net, data.input_shape, data.num_classes, generalist_state,
+                          f"the generalist's weights {paths.generalist.weights}")  # fail here, before any task starts
 
     jobs = [Job(m, tuple(s)) for m, s in enumerate(subsets)]
     todo = [job for job in jobs if trained_metrics(paths.specialist(job.index), f"specialist {job.name}") is None]
@@ -57,9 +57,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
                        device=resolve_device(cfg.device), desc="specialists")
     launch["wall_seconds"] = time.time() - started
 
-    test = load_tensors(paths.generalist.predictions)
-    rows = [_row(job, read_trained(paths.specialist(job.index)), test["test_probs"], test["test_labels"])
-            for job in jobs]
+    general = generalist_conditional_top1(generalist, [torch.tensor(job.classes) for job in jobs], data.x_test,
+                                          data.y_test, resolve_device(cfg.device), cfg.generalist.train)
+    rows = [_row(job, read_trained(paths.specialist(job.index)), g) for job, g in zip(jobs, general)]
     summary = {**_summary(rows), "restarts": launch.get("restarts", {})}
     trained = [r for r in rows if r["specialist"] in {job.name for job in todo}]
     if trained:  # from submission to the first task's start: worker start-up and fetching the inputs
@@ -134,10 +134,24 @@ def _save(folder: NetDir, result: Trained) -> None:
     save_trained(folder, result.weights, result.history, {**result.metrics, "provenance": result.provenance})
 
 
-def _row(job: Job, recorded: dict, probs: torch.Tensor, labels: torch.Tensor) -> dict:
+def generalist_conditional_top1(generalist: nn.Module, subsets: list[torch.Tensor], x: Images, y: torch.Tensor,
+                                device: torch.device, train: TrainConfig) -> list[float]:
+    """The generalist's conditional top-1 on each subset (`conditional_top1`) over the test images,
+    batch by batch: the figure each specialist's is set against."""
+    counts = torch.zeros(len(subsets), 2, dtype=torch.long)
+    start = 0
+    for (logits,) in logit_batches([generalist], x, device=device, batch_size=train.eval_batch_size,
+                                   channels_last=train.channels_last):
+        labels = y[start:start + len(logits)]
+        start += len(logits)
+        for m, s in enumerate(subsets):
+            counts[m] += torch.tensor(conditional_counts(logits, labels, [s]))
+    return [hits / pairs if pairs else float("nan") for hits, pairs in counts.tolist()]
+
+
+def _row(job: Job, recorded: dict, general: float) -> dict:
     """A specialist's line in the report: its metrics and provenance, and the generalist's conditional
     top-1 on the same subset."""
-    general = conditional_top1(probs, labels, [torch.tensor(job.classes)])
     metrics = {k: v for k, v in recorded.items() if k != "provenance"}
     return {"specialist": job.name, **metrics, **recorded["provenance"], "generalist_conditional_top1": general,
             "conditional_gain": metrics["conditional_top1"] - general}

@@ -16,6 +16,7 @@ from ensemble.config import DataConfig, NetConfig, load_config
 from ensemble.cost import multiply_adds
 from ensemble.nets import build_net, load_weights, read_weights, start_net
 from ensemble.pipeline import STAGES, run_pipeline, state
+from ensemble.predictions import read_split
 from ensemble.rundir import Manifest, load_tensors
 
 
@@ -259,8 +260,8 @@ def test_an_imported_generalist_is_evaluated_not_trained_and_its_rivals_train_on
     run_pipeline(cfg, only="generalist")
     out = capsys.readouterr().out
     assert "imported from" in out and "epoch" not in out
-    mine, theirs = (load_tensors(r / "generalist" / "predictions.safetensors") for r in (cfg.run_dir, upstream))
-    assert torch.equal(mine["test_probs"], theirs["test_probs"])
+    mine, theirs = (read_split(r / "generalist" / "predictions", "test") for r in (cfg.run_dir, upstream))
+    assert torch.equal(mine.probs, theirs.probs)
     metrics = json.loads((cfg.run_dir / "generalist" / "metrics.json").read_text())
     assert metrics["imported"] is True and metrics["epochs"] == 0
     for stage in ("cluster", "specialists", "baselines", "combiner"):
@@ -270,7 +271,7 @@ def test_an_imported_generalist_is_evaluated_not_trained_and_its_rivals_train_on
         "generalist trained on for the specialists' compute", "generalist trained on for the longest specialist's compute"]
     for budget in ("compute", "wall_clock"):
         pred = load_tensors(cfg.run_dir / "baselines" / budget / "predictions.safetensors")["test_pred"]
-        assert torch.equal(pred, mine["test_probs"].argmax(1))
+        assert torch.equal(pred, mine.probs.argmax(1))
     assert "The generalist was imported from" in (cfg.run_dir / "combiner" / "tables.md").read_text()
     capsys.readouterr()
     assert main(["status", str(cfg.run_dir)]) == 0

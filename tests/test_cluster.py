@@ -122,7 +122,7 @@ def test_soft_confusion_and_capture_by_hand():
     probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0], [0.1, 0.6, 0.3], [0.0, 0.4, 0.6]])
     labels = np.array([0, 0, 1, 2])
     confusion = cluster.soft_confusion(probs, labels, 3)
-    np.testing.assert_allclose(confusion, [[1.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.0, 0.4, 0.6]])
+    np.testing.assert_allclose(confusion.toarray(), [[1.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.0, 0.4, 0.6]])
     off = 0.7 + 0.1 + 0.1 + 0.3 + 0.0 + 0.4  # 1.6
     assert cluster.confusion_capture(confusion, [np.array([0, 1]), np.array([2])]) == pytest.approx(0.8 / off)
     assert cluster.confusion_capture(confusion, [np.array([0, 1]), np.array([1, 2])]) == pytest.approx(1.5 / off)
@@ -238,3 +238,100 @@ def test_stage_writes_subsets_skips_when_done_and_reruns_alone_when_its_config_c
 def test_stage_with_impossible_settings_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="cannot make 50 subsets of 40 classes"):
         run_pipeline(_cfg(tmp_path, "cluster.num_subsets=50"))
+
+
+# sparse predictions (issue 25)
+
+
+def _top_k(probs: np.ndarray, k: int):
+    """The sparse top-k rows of `probs`, as the generalist stage keeps them."""
+    from ensemble.predictions import sparsify
+    import torch
+    chunk = sparsify(torch.from_numpy(probs).double().log(), torch.zeros(len(probs), dtype=torch.long), k)
+    return chunk.csr(probs.shape[1])
+
+
+@pytest.mark.parametrize("statistic, diagonal", [("covariance", "keep"), ("correlation", "zero")])
+def test_the_sparse_covariance_equals_the_dense_one(statistic, diagonal):
+    """With every class kept (k = C) the covariance accumulated from sparse rows (raw moments) is the
+    dense one (centred columns); with k < C it is the dense covariance of the kept entries (0 elsewhere);
+    the operator gives the same matrix's products without forming it."""
+    from scipy import sparse
+    probs, _, _ = planted_predictions(30, 5, 4, seed=1)
+    probs = probs.astype(np.float64)
+    full = sparse.csr_matrix(probs)
+    np.testing.assert_allclose(cluster.covariance_matrix(full, statistic, diagonal),
+                               cluster.covariance_matrix(probs, statistic, diagonal), rtol=1e-9, atol=1e-12)
+    kept = _top_k(probs, 4)
+    dense_kept = kept.toarray()
+    assert (np.count_nonzero(dense_kept, axis=1) == 4).all()
+    expected = cluster.covariance_matrix(dense_kept, statistic, diagonal)
+    np.testing.assert_allclose(cluster.covariance_matrix(kept, statistic, diagonal), expected, rtol=1e-9, atol=1e-12)
+    v = np.random.default_rng(0).normal(size=(30, 7))
+    np.testing.assert_allclose(cluster.covariance_operator(kept, statistic, diagonal)(v), expected @ v,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_embedded_columns_keep_the_columns_distances_and_give_the_same_subsets():
+    """embed with dims = C is exact: distances between the embedded rows are those between the matrix's
+    columns, and the stage's K-means finds the same subsets on them; a few dimensions (the planted
+    groups' number) already do."""
+    probs, _, _ = planted_predictions(60, 10, 10, seed=0)
+    x = _top_k(probs, 30)  # every class: the planted groups come out exactly
+    matrix = cluster.covariance_matrix(x, "correlation")
+    rows, values = cluster.embed(cluster.covariance_operator(x, "correlation"), 60, 60, seed=0)
+    gram = lambda m: m @ m.T  # noqa: E731  distances follow from the Gram matrix of the rows
+    np.testing.assert_allclose(gram(rows), gram(matrix), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(np.sort(np.abs(values)), np.sort(np.abs(np.linalg.eigvalsh(matrix))), atol=1e-10)
+    for c in (ClusterConfig(shape="partition", num_subsets=6, min_size=5, max_size=20),
+              ClusterConfig(num_subsets=6, subset_size=10)):
+        c = cluster.resolve(c, 60)
+        dense = cluster.find_subsets(matrix, c, seed=0)[0]
+        assert sorted(s.tolist() for s in dense) == [list(range(g, g + 10)) for g in range(0, 60, 10)]
+        for dims in (60, 8):
+            embedded = cluster.find_subsets(cluster.embed(cluster.covariance_operator(x, "correlation"), 60, dims, 0)[0],
+                                            c, seed=0)[0]
+            assert sorted(s.tolist() for s in embedded) == sorted(s.tolist() for s in dense)
+    with pytest.raises(ValueError, match="cluster.embedding must be between 1 and 60"):
+        cluster.embed(cluster.covariance_operator(x), 60, 61, seed=0)
+
+
+def test_the_report_from_sparse_rows_is_the_report_of_the_kept_entries():
+    """Confusion capture and group agreement from sparse top-k rows equal the dense computation on the
+    same (kept) entries; group agreement counts same-group pairs without a C×C matrix."""
+    probs, labels, groups = planted_predictions(40, 8, 5, seed=2)
+    subsets = [np.arange(0, 12), np.arange(8, 20), np.arange(20, 36)]
+    x = _top_k(probs, 6)
+    capture = cluster.confusion_capture(cluster.soft_confusion(x, labels, 40), subsets)
+    dense = cluster.soft_confusion(x.toarray(), labels, 40).toarray()
+    together = np.zeros((40, 40), dtype=bool)
+    for s in subsets:
+        together[np.ix_(s, s)] = True
+    off = ~np.eye(40, dtype=bool)
+    assert capture == pytest.approx(dense[together & off].sum() / dense[off].sum())
+    assignment = np.repeat([0, 1, 2, -1], [8, 12, 16, 4])
+    agreement = cluster.group_agreement(assignment, groups, subsets)
+    same = (groups[:, None] == groups[None, :]) & off
+    assert agreement["group_pairs_together"] == pytest.approx((same & together).sum() / same.sum())
+
+
+def test_top_k_predictions_and_an_embedding_through_the_stage(tmp_path):
+    """generalist.top_k below C/2 keeps sparse predictions; cluster.embedding clusters the embedded
+    columns (as above 4,096 classes): embedding.safetensors instead of the C×C matrix, the plot of a block;
+    the same subsets as the C×C matrix of the same sparse predictions gives."""
+    for stage in ("generalist", "cluster"):
+        run_pipeline(_cfg(tmp_path, "generalist.top_k=6", "cluster.embedding=40"), stage)
+    folder = tmp_path / "r" / "cluster"
+    assert {p.name for p in folder.iterdir()} >= {"subsets.json", "embedding.safetensors", "covariance.png"}
+    assert not (folder / "covariance.safetensors").exists()
+    from ensemble.predictions import read_split
+    val = read_split(tmp_path / "r" / "generalist" / "predictions", "val")
+    assert val.probs.shape[1] == 6 and val.ids.shape == val.probs.shape and val.logits is None
+    embedded = json.loads((folder / "subsets.json").read_text())
+    assert embedded["settings"]["embedding_dims"] == 40
+    run_pipeline(_cfg(tmp_path, "generalist.top_k=6"), "cluster")
+    assert (folder / "covariance.safetensors").exists() and not (folder / "embedding.safetensors").exists()
+    dense = json.loads((folder / "subsets.json").read_text())
+    assert [s["classes"] for s in dense["subsets"]] == [s["classes"] for s in embedded["subsets"]]
+    with pytest.raises(ValueError, match="cluster.inputs=logits needs .* set generalist.top_k=null"):
+        run_pipeline(_cfg(tmp_path, "generalist.top_k=6", "cluster.inputs=logits"))  # before any stage runs

@@ -65,10 +65,18 @@ def loop_objective(p_general: torch.Tensor, probs: list, subsets: list, q: torch
 def loop_fixed_point(p_general: torch.Tensor, probs: list, subsets: list, top_n: int | None,
                      iterations: int) -> torch.Tensor:
     """The EM update of DESIGN.md, one example and one specialist at a time, Q_m summed directly:
-    q_c ← [p^g_c + Σ_{m∈A} ([c∈S_m] p^m_c + [c∉S_m] p^m_⊥ q_c / Q_m)] / (1 + |A|)."""
+    q_c ← [p^g_c + Σ_{m∈A} ([c∈S_m] p^m_c + [c∉S_m] p^m_⊥ q_c / Q_m)] / (1 + |A|); then, as the solver
+    returns it, each cell's mass (a cell: the classes lying in exactly the same subsets) shared out
+    in proportion to k_c = p^g_c + Σ_{m∈A, c∈S_m} p^m_c (the same q once EM has converged)."""
+    member = torch.zeros(p_general.shape[1], len(subsets), dtype=torch.bool)
+    for m, s in enumerate(subsets):
+        member[s, m] = True
+    cells = [[c for c in range(len(member)) if torch.equal(member[c], member[d])] for d in range(len(member))]
     out = p_general.clone()
     for b, active in enumerate(loop_active(p_general, subsets, top_n)):
-        q = p_general[b].clone()
+        q, k = p_general[b].clone(), p_general[b].clone()
+        for m in active:
+            k[subsets[m]] += probs[m][b, :-1]
         for _ in range(iterations):
             new = p_general[b].clone()
             for m in active:
@@ -78,7 +86,8 @@ def loop_fixed_point(p_general: torch.Tensor, probs: list, subsets: list, top_n:
                 new[subsets[m]] += probs[m][b, :-1]
                 new[~inside] += probs[m][b, -1] * q[~inside] / outside_mass
             q = new / (1 + len(active))
-        out[b] = q
+        out[b] = q if len(active) < 2 else torch.stack([q[cells[c]].sum() * k[c] / k[cells[c]].sum()
+                                                         for c in range(len(q))])
     return out
 
 
@@ -281,6 +290,24 @@ def test_acceleration_needs_a_fraction_of_plain_em_iterations():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         combine(*case, top_n=None, tol=1e-10, max_iter=needed // 4)
+
+
+def test_newton_takes_examples_where_em_crawls_to_the_minimum_within_a_few_dozen_iterations(monkeypatch):
+    """Issue 25: at 15,000 classes EM reached max_iter=1,000 with a warning. After its plain steps, Newton
+    on the dual (`_newton`, |A| unknowns per example) lands at the minimum: the slow case (over 500 plain
+    EM iterations) converges, to plain EM's answer, within 30 iterations and without a warning; without
+    Newton it does not."""
+    import combiner.solver as solver
+
+    case = slow_case()
+    converged, _ = dense_plain_em(*case, tol=1e-14, max_iter=20000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = combine(*case, top_n=None, tol=1e-10, max_iter=30)
+    torch.testing.assert_close(q, converged, rtol=0, atol=1e-9)
+    monkeypatch.setattr(solver, "_newton", lambda weights, q: q)
+    with pytest.warns(RuntimeWarning, match="stopped at max_iter=30"):
+        combine(*case, top_n=None, tol=1e-10, max_iter=30)
 
 
 def test_accelerated_iterates_never_increase_the_objective():

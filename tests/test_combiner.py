@@ -5,16 +5,18 @@ import pytest
 import torch
 from conftest import specialists_run
 
-from combiner import Combiner, combine, combine_method, load_ensemble
+from combiner import Combiner, active_outputs, combine, combine_method, load_ensemble
 from combiner.stage import (
     average_combine,
     compare,
-    conditional_top1,
+    evaluate_systems,
     expand,
     lowest_dustbin_combine,
 )
 from ensemble.data import load_data
+from ensemble.metrics import conditional_top1
 from ensemble.pipeline import run_pipeline
+from ensemble.predictions import read_split
 from ensemble.rundir import load_tensors
 from ensemble.train import predict_logits
 
@@ -60,15 +62,15 @@ def test_combiner_runs_only_the_specialists_an_example_needs(trained):
 
 def test_evaluation_tables_match_a_slow_recount(trained):
     report = json.loads((trained.run_dir / "combiner" / "eval.json").read_text())
-    preds = load_tensors(trained.run_dir / "generalist" / "predictions.safetensors")
-    labels = preds["test_labels"]
+    preds = read_split(trained.run_dir / "generalist" / "predictions", "test")
+    labels = preds.labels
     assert [r["system"] for r in report["table3"]] == [  # the configured combiner (the default) first
         "generalist", "within-subset combiner, top_n=1", "within-subset combiner, top_n=2",
         "within-subset combiner, top_n=5", "average, top_n=1", "lowest dustbin, top_n=1", "KL combiner, top_n=1"]
     general = report["table3"][0]
-    assert general["test_top1"] == pytest.approx((preds["test_probs"].argmax(1) == labels).float().mean().item())
+    assert general["test_top1"] == pytest.approx((preds.probs.argmax(1) == labels).float().mean().item())
     subsets = json.loads((trained.run_dir / "specialists" / "subsets.json").read_text())["subsets"]
-    pairs = [(p, y, s["classes"]) for p, y in zip(preds["test_probs"].tolist(), labels.tolist())
+    pairs = [(p, y, s["classes"]) for p, y in zip(preds.probs.tolist(), labels.tolist())
              for s in subsets if y in s["classes"]]
     hits = sum(max(s, key=lambda c: p[c]) == y for p, y, s in pairs)
     assert general["conditional_top1"] == pytest.approx(hits / len(pairs))
@@ -85,7 +87,7 @@ def test_verdict_compares_the_ensemble_with_each_baseline_on_the_same_images(tra
     """eval.json's verdict rows recount from the saved predictions; the call is the last (equal-compute) row's."""
     run = trained.run_dir
     report = json.loads((run / "combiner" / "eval.json").read_text())
-    labels = load_tensors(run / "generalist" / "predictions.safetensors")["test_labels"]
+    labels = read_split(run / "generalist" / "predictions", "test").labels
     x = load_data(trained.data).x_test
     right = Combiner.from_run(run).predict(x) == labels
     rows = report["comparisons"]
@@ -162,12 +164,12 @@ def test_simple_combiners_and_conditional_accuracy():
              torch.tensor([[0.4, 0.3, 0.3], [0.1, 0.1, 0.8]], dtype=torch.float64)]
     e = expand(p_general, probs[0], subsets[0])
     assert torch.allclose(e[0], torch.tensor([0.2, 0.7, 0.05, 0.05], dtype=torch.float64))
-    avg = average_combine(p_general, probs, subsets, top_n=1)  # example 0: specialist 0; example 1: specialist 1
+    avg = average_combine(p_general, active_outputs(p_general, probs, subsets, 1), subsets)  # example 0: specialist 0; 1: 1
     assert torch.allclose(avg[0], (p_general[0] + e[0]) / 2)
     assert torch.allclose(avg[1], (p_general[1] + expand(p_general, probs[1], subsets[1])[1]) / 2)
-    low = lowest_dustbin_combine(p_general, probs, subsets, top_n=4)  # both active for both examples
+    low = lowest_dustbin_combine(p_general, active_outputs(p_general, probs, subsets, 4), subsets)  # both active for both
     assert torch.equal(low, e)  # specialist 0's dustbins (0.1, 0.4) are the lower ones
-    alone = lowest_dustbin_combine(p_general, probs, subsets, top_n=1)
+    alone = lowest_dustbin_combine(p_general, active_outputs(p_general, probs, subsets, 1), subsets)
     assert torch.equal(alone[1], expand(p_general, probs[1], subsets[1])[1])  # the only active one
     labels = torch.tensor([1, 2])
     assert conditional_top1(p_general, labels, subsets) == 0.0  # 0 beats 1 in {0, 1}; 3 beats 2 in {2, 3}
@@ -210,19 +212,27 @@ def test_within_subset_combiner_when_the_dustbin_holds_nearly_everything(dtype):
     torch.testing.assert_close(q[1], p_general[1])  # nothing left inside: the generalist's own proportions
 
 
-def test_combiners_run_block_by_block_as_on_the_whole_test_set(monkeypatch):
-    """The combiner stage combines ROWS examples at a time (memory): the same q as all at once."""
+def test_the_evaluation_block_by_block_is_the_evaluation_of_the_whole_test_set(trained, monkeypatch):
+    """The combiner stage runs the ensemble a block of test images at a time (memory): the same results, for
+    every kind of system, as all at once; a system at a smaller top_n sees only its own active specialists."""
     import combiner.stage as evaluate
 
-    g = torch.Generator().manual_seed(0)
-    p_general = torch.randn(23, 12, generator=g, dtype=torch.float64).softmax(dim=1)
-    subsets = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 4, 5])]
-    probs = [torch.randn(23, len(s) + 1, generator=g, dtype=torch.float64).softmax(dim=1) for s in subsets]
-    monkeypatch.setattr(evaluate, "ROWS", 5)
-    for combiner in (lambda pg, ps: combine(pg, ps, subsets, top_n=1),
-                     lambda pg, ps: evaluate.average_combine(pg, ps, subsets, 1),
-                     lambda pg, ps: evaluate.lowest_dustbin_combine(pg, ps, subsets, 1)):
-        torch.testing.assert_close(evaluate._by_rows(combiner, p_general, probs), combiner(p_general, probs).float())
+    data = load_data(trained.data)
+    ensemble = Combiner.from_run(trained.run_dir, top_n=2)
+    subsets = ensemble.subsets
+    systems = {"kl": (lambda g, outputs: evaluate.combine_active(g, outputs, subsets), 1),
+               "average": (lambda g, outputs: average_combine(g, outputs, subsets), 2),
+               "lowest": (lambda g, outputs: lowest_dustbin_combine(g, outputs, subsets), 1)}
+    whole = evaluate_systems(ensemble, systems, data.x_test, data.y_test, data.num_classes)
+    monkeypatch.setattr(evaluate, "BLOCK_BYTES", 5 * 8 * data.num_classes)  # 5 images at a time
+    blocks = evaluate_systems(ensemble, systems, data.x_test, data.y_test, data.num_classes)
+    for name in systems:
+        assert torch.equal(blocks[name].right, whole[name].right)
+        assert (blocks[name].hits, blocks[name].pairs) == (whole[name].hits, whole[name].pairs)
+    at_one = Combiner.from_run(trained.run_dir, top_n=1, method="fixed_point").predict(data.x_test)
+    assert torch.equal(whole["kl"].right, at_one == data.y_test)
+    assert torch.equal(whole["kl"].active[1], evaluate.active_specialists(
+        predict_logits(ensemble.generalist, data.x_test, device=torch.device("cpu")).double().softmax(1), subsets, 1))
 
 
 def test_the_combiner_refuses_images_it_cannot_use_and_says_what_it_takes(trained):

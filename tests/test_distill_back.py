@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import SPECIALISTS_TINY, specialists_run
@@ -12,7 +13,6 @@ from ensemble.config import load_config
 from ensemble.cost import multiply_adds
 from ensemble.data import load_data
 from ensemble.pipeline import run_pipeline
-from ensemble.rundir import load_tensors
 from ensemble.train import predict_logits
 
 OPTIONS = ["distill_back.augmented_copies=1", "distill_back.temperature=3"]
@@ -31,9 +31,9 @@ def distilled(upstream, tmp_path_factory):
 
 def test_soft_targets_are_the_combiners_log_q_on_the_transfer_set(distilled):
     data = load_data(distilled.data)
-    cached = load_tensors(distilled.run_dir / "distill_back" / "soft_targets.safetensors")
+    cached = {"log_q": torch.from_numpy(np.load(distilled.run_dir / "distill_back" / "soft_targets" / "log_q.npy"))}
     n = len(data.x_train)
-    assert cached["log_q"].shape == (2 * n, data.num_classes)  # the training set and one augmented copy
+    assert cached["log_q"].shape == (2 * n, data.num_classes)  # the training set and one augmented copy (all classes)
     q = Combiner.from_run(distilled.run_dir).predict_proba(data.x_train[:200])
     torch.testing.assert_close(cached["log_q"][:200].exp(), q, atol=1e-5, rtol=0)
     assert not torch.equal(cached["log_q"][n:n + 200], cached["log_q"][:200])  # other inputs, other targets
@@ -99,9 +99,10 @@ def test_rerun_of_an_interrupted_stage_reuses_the_soft_targets(distilled, tmp_pa
     cfg = _cfg(tmp_path, *OPTIONS)
     stage = tmp_path / "r" / "distill_back"
     (stage / "report.json").unlink()  # as if killed after the soft targets were written
-    monkeypatch.setattr(distill_back.stage, "soft_targets", lambda *a, **k: pytest.fail("recomputed"))
+    written = {p: p.stat().st_mtime_ns for p in stage.rglob("*.npy")}
     run_pipeline(cfg)
     assert (stage / "report.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in stage.rglob("*.npy")} == written  # not made again
 
 
 def test_soft_targets_of_another_teacher_or_unreadable_are_made_again(distilled, tmp_path, monkeypatch, capsys):
@@ -109,20 +110,17 @@ def test_soft_targets_of_another_teacher_or_unreadable_are_made_again(distilled,
     import shutil
     shutil.copytree(distilled.run_dir, tmp_path / "r")
     stage = tmp_path / "r" / "distill_back"
-    good = (stage / "soft_targets.safetensors").read_bytes()
-    made = []
-    soft_targets = distill_back.stage.soft_targets
-    monkeypatch.setattr(distill_back.stage, "soft_targets", lambda *a, **k: made.append(1) or soft_targets(*a, **k))
-    (stage / "soft_targets.safetensors").write_bytes(good[:1000])  # cut short
+    targets = stage / "soft_targets" / "log_q.npy"
+    good = targets.read_bytes()
+    targets.write_bytes(good[:1000] + bytes(len(good) - 1000))  # damaged in place
     (stage / "report.json").unlink()
     run_pipeline(_cfg(tmp_path, *OPTIONS))
-    assert made == [1] and "is not a readable safetensors file" in capsys.readouterr().err
-    assert (stage / "soft_targets.safetensors").read_bytes() == good  # made again, the same
-    control = stage / "control" / "soft_targets.safetensors"
-    shutil.copy(control, stage / "soft_targets.safetensors")  # the generalist's, not the ensemble's
+    assert "soft targets in" in capsys.readouterr().err and targets.read_bytes() == good  # made again, the same
+    shutil.rmtree(stage / "soft_targets")
+    shutil.copytree(stage / "control" / "soft_targets", stage / "soft_targets")  # the generalist's, not the ensemble's
     (stage / "report.json").unlink()
     run_pipeline(_cfg(tmp_path, *OPTIONS))
-    assert made == [1, 1] and (stage / "soft_targets.safetensors").read_bytes() == good
+    assert targets.read_bytes() == good
 
 
 def test_other_baselines_rerun_the_stage_that_reports_them(distilled, tmp_path):
@@ -140,7 +138,7 @@ def test_the_control_learns_the_generalists_own_predictions(distilled):
     run = distilled.run_dir
     data = load_data(distilled.data)
     generalist = Combiner.from_run(run).generalist
-    cached = load_tensors(run / "distill_back" / "control" / "soft_targets.safetensors")
+    cached = {"log_q": torch.from_numpy(np.load(run / "distill_back" / "control" / "soft_targets" / "log_q.npy"))}
     n = len(data.x_train)
     torch.testing.assert_close(cached["log_q"][:n], predict_logits(generalist, data.x_train, device=torch.device("cpu")).log_softmax(dim=1),
                                atol=1e-5, rtol=0)

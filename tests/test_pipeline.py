@@ -10,7 +10,8 @@ import pytest
 from ensemble.cli import main
 from ensemble.config import load_config
 from ensemble.pipeline import STAGES, run_pipeline, state
-from ensemble.rundir import Manifest, load_tensors
+from ensemble.predictions import read_split
+from ensemble.rundir import Manifest
 
 TINY = ["data.source=digits", "generalist.net.name=mlp", "generalist.net.width=32", "generalist.train.epochs=2",
         "specialists.train.epochs=1", "distill_back.train.epochs=1", "launch.backend=inline"]
@@ -31,12 +32,13 @@ def test_run_writes_the_run_directory(tmp_path):
     assert {"manifest.json", "config.yaml", "env.json", "generalist"} <= {p.name for p in run.iterdir()}
     entry = json.loads((run / "manifest.json").read_text())["stages"]["generalist"]
     assert entry["status"] == "done" and entry["seed"] == 0 and entry["seconds"] > 0
-    assert set(entry["outputs"]) == {"model.safetensors", "predictions.safetensors", "metrics.json", "metrics.jsonl"}
-    preds = load_tensors(run / "generalist" / "predictions.safetensors")
-    n_val, n_test = len(preds["val_labels"]), len(preds["test_labels"])
-    assert preds["val_probs"].shape == (n_val, 10) and preds["test_probs"].shape == (n_test, 10)
-    assert preds["test_probs"].sum(1).sub(1).abs().max() < 1e-5
-    top1 = (preds["test_probs"].argmax(1) == preds["test_labels"]).float().mean().item()
+    assert set(entry["outputs"]) == {"model.safetensors", "predictions/val-00000.safetensors",
+                                     "predictions/test-00000.safetensors", "metrics.json", "metrics.jsonl"}
+    val, test = (read_split(run / "generalist" / "predictions", split) for split in ("val", "test"))
+    assert val.probs.shape == (len(val.labels), 10) and test.probs.shape == (len(test.labels), 10)  # 10 classes: dense
+    assert test.logits.shape == test.probs.shape and test.ids is None
+    assert test.probs.sum(1).sub(1).abs().max() < 1e-5
+    top1 = (test.probs.argmax(1) == test.labels).float().mean().item()
     assert summary["test_top1"] == pytest.approx(top1)
     assert json.loads((run / "env.json").read_text())["versions"]["torch"]
 
@@ -138,7 +140,7 @@ def test_sigkill_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     assert "resumed from" in out and "after epoch 1" in out, out
     assert "generalist epoch 1/5" not in out  # finished work is not redone
     whole, _ = _ensemble(*args, "name=whole").communicate(timeout=300)
-    for name in ("model.safetensors", "predictions.safetensors"):
+    for name in ("model.safetensors", "predictions/val-00000.safetensors", "predictions/test-00000.safetensors"):
         assert (tmp_path / "cut" / "generalist" / name).read_bytes() == \
             (tmp_path / "whole" / "generalist" / name).read_bytes()
 

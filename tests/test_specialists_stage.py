@@ -10,6 +10,7 @@ import specialists.stage
 from ensemble.config import load_config
 from ensemble.launch import CheckpointStore, Group, check_resources
 from ensemble.pipeline import run_pipeline
+from ensemble.predictions import read_split
 from ensemble.rundir import Manifest, load_tensors
 
 
@@ -20,7 +21,7 @@ def test_stage_writes_every_specialist_and_the_report(upstream, tmp_path):
     subsets = json.loads((upstream / "cluster" / "subsets.json").read_text())["subsets"]
     assert summary["num_specialists"] == len(subsets) == 3
     report = json.loads((out / "report.json").read_text())
-    probs = load_tensors(upstream / "generalist" / "predictions.safetensors")
+    probs = read_split(upstream / "generalist" / "predictions", "test")
     for s, row in zip(subsets, report["specialists"]):
         folder = out / row["specialist"]
         state = load_tensors(folder / "model.safetensors")
@@ -29,7 +30,7 @@ def test_stage_writes_every_specialist_and_the_report(upstream, tmp_path):
         assert {"model.safetensors", "metrics.json", "metrics.jsonl", "checkpoint.pt"} <= files
         # the generalist's conditional accuracy, recomputed slowly from its test probabilities
         hits = [s["classes"][int(torch.tensor([p[c] for c in s["classes"]]).argmax())] == y
-                for p, y in zip(probs["test_probs"].tolist(), probs["test_labels"].tolist()) if y in s["classes"]]
+                for p, y in zip(probs.probs.tolist(), probs.labels.tolist()) if y in s["classes"]]
         assert row["generalist_conditional_top1"] == pytest.approx(sum(hits) / len(hits))
         assert row["test_in_subset"] == len(hits)
     assert (out / "specialists.png").stat().st_size > 10_000
