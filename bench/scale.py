@@ -38,6 +38,11 @@ sys.exit(code)
 """
 
 
+def active_per_example(combiner: Combiner, x: torch.Tensor) -> float:
+    """The mean number of specialists active per example of `x`."""
+    return sum(len(rows) for xb in x.split(2048) for rows, _ in combiner.outputs(xb)[1]) / len(x)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "scale15k.yaml")
@@ -67,6 +72,7 @@ def main() -> None:
     combiner.predict_proba(x[:2048])
     rate, caught = rates(combiner, x, 2048, 3)
     inference = {f"{name}_ex_s": round(value) for name, value in rate.items()}
+    inference["active"] = round(active_per_example(combiner, x), 3)
     inference.update(ratio=round(rate["ensemble"] / rate["generalist"], 3),
                      ratio_bare=round(rate["ensemble"] / rate["bare"], 3), inference_warnings=caught)
     print(inference, flush=True)

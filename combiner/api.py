@@ -24,9 +24,11 @@ from specialists import load_specialists
 from .solver import MAX_ITER, Cells, Method, Outputs, _active, _cells, _check_subsets, _combine
 
 
-def softmax64(logits: torch.Tensor) -> torch.Tensor:
-    """softmax(logits) in float64, as four passes: torch's own float64 softmax kernel is about twice as
-    slow on a CPU (1,000 classes) as subtracting the maximum, exp, sum and divide."""
+def _softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """softmax(logits) in `dtype`; float64 as four passes: torch's own float64 softmax kernel is about
+    twice as slow on a CPU (1,000 classes) as subtracting the maximum, exp, sum and divide."""
+    if dtype != torch.float64:
+        return logits.softmax(dim=1).to(dtype)
     p = logits.double()
     p -= p.amax(dim=1, keepdim=True)
     p.exp_()
@@ -71,7 +73,7 @@ class Combiner:
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1]; anything else is
-        a ValueError that says what was expected."""
+        a ValueError that says what was expected. Combined in float64 or float32 (see `outputs`)."""
         p_general, outputs = self.outputs(x)
         if p_general.dtype not in self._cells:
             self._cells[p_general.dtype] = _cells(self.subsets, p_general)
@@ -91,23 +93,32 @@ class Combiner:
         (probabilities far below float32's 1e-38 keep their ratios), and float32 for the within-subset
         rule, which moves mass only inside active subsets (each holding a top class: at least 1/C of
         the mass) and so computes nothing float32 cannot hold."""
+        dtype = self._dtype(dtype)
+        logits, outputs = self._run(x, self.top_n if top_n == "own" else top_n, dtype)
+        return _softmax(logits, dtype), outputs
+
+    def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        if dtype is not None:
+            return dtype
+        return torch.float32 if self.method == "within_subset" else torch.float64
+
+    def _run(self, x: torch.Tensor, top_n: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, Outputs]:
+        """The generalist's float32 logits for images `x`, and the specialists' probabilities (in
+        `dtype`) on the examples each is active for at `top_n`."""
         x = self._images(x).to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        if dtype is None:
-            dtype = torch.float32 if self.method == "within_subset" else torch.float64
-        softmax = softmax64 if dtype == torch.float64 else lambda z: z.softmax(dim=1).to(dtype)
         with exact_float32(self.device):
             logits = self.generalist(x)
-            p_general = softmax(logits)
-            if self._checked != p_general.shape[1]:  # the subsets against the generalist's classes, once
-                _check_subsets(self.subsets, p_general)
-                self._checked = p_general.shape[1]
-            active = _active(logits, self.subsets, self.top_n if top_n == "own" else top_n).bool()  # the top classes
+            if self._checked != logits.shape[1]:  # the subsets against the generalist's classes, once
+                _check_subsets(self.subsets, logits)
+                self._checked = logits.shape[1]
+            active = _active(logits, self.subsets, top_n).bool()  # the top classes: those of the probabilities
             outputs = []
             for net, subset, needed in zip(self.specialists, self.subsets, active):
                 rows = needed.nonzero()[:, 0]
-                outputs.append((rows, softmax(net(x[rows])) if len(rows) else p_general.new_zeros(0, len(subset) + 1)))
-        return p_general, outputs
+                outputs.append((rows, _softmax(net(x[rows]), dtype) if len(rows) else
+                                logits.new_zeros(0, len(subset) + 1, dtype=dtype)))
+        return logits, outputs
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         """`x` if it is a batch of images the nets can take, else a ValueError saying what they take."""

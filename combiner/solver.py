@@ -41,6 +41,7 @@ dim 0 of a contiguous tensor are several times faster on a CPU than along dim 1.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ ADAM_RATE, ADAM_BETAS, PATIENCE = 0.1, (0.9, 0.999), 20  # the gradient method's
 MIN_GAIN = 1e-12  # a relative decrease of the objective smaller than this (or 16 eps) is no progress
 MAX_ITER = 1000  # fixed_point's and gradient's default bound on iterations
 PLAIN_STEPS = 10  # fixed_point's first iterations are plain EM steps: see _fixed_point
-NEWTON_STEPS, NEWTON_ACTIVE = 50, 8  # then Newton on the dual (`_newton`) for examples with at most 8 active
+NEWTON_STEPS, NEWTON_PATTERNS = 50, 256  # then Newton on the dual (`_newton`), on at most max(256, K) patterns
 MAX_HALVINGS = 20  # SQUAREM halves an infeasible extrapolation this often, then takes the plain double step
 
 
@@ -280,28 +281,78 @@ def _fixed_point(p_general: Tensor, outputs: Outputs, ids: list[Tensor], cells: 
     Classes of one cell get the same factor in every EM update, so the cell masses Q_j follow EM on the
     same objective over cells (k summed per cell) whatever happens inside a cell, and for given cell
     masses f is least with q_c = Q_j·k_c/K_j inside each: the fixed point itself, and at any iterate
-    an objective no higher than the class-level EM iterate's. An iteration costs O(B·M·K) instead of
-    O(B·(C + M·K)); K, the cells, is M + 1 for a partition and a few per subset for overlapping ones.
-    Nothing of size C × B is made but p^g's rows and q. A RuntimeWarning if max_iter stopped it
-    before tol."""
+    an objective no higher than the class-level EM iterate's. Only which active subsets a cell lies
+    outside matters to an example, so where its active specialists' 2^|A| patterns are fewer than the
+    cells its cells are merged into them (`_cell_shares`: an example's answer depends on its own
+    inputs alone). An iteration costs O(B·|A|·2^|A|), or O(B·M·K), instead of O(B·(C + M·K)).
+    Nothing of size C × B is made but p^g's rows and q. A RuntimeWarning if max_iter stopped it before
+    tol."""
     num_examples, num_cells = len(p_general), cells.outside.shape[1]
-    masses = p_general.new_zeros(num_examples, num_cells).index_add_(1, cells.cell, p_general)  # EM's start: p^g
-    weight = masses.clone()  # K_j = Σ_{c in j} k_c
+    start = p_general.new_zeros(num_examples, num_cells).index_add_(1, cells.cell, p_general)  # EM's start: p^g
+    weight = start.clone()  # K_j = Σ_{c in j} k_c
     dustbin = p_general.new_zeros(len(ids), num_examples)
     for m, ((rows, p), s) in enumerate(zip(outputs, ids)):
         weight[rows] += p.new_zeros(len(rows), num_cells).index_add_(1, cells.cell[s], p[:, :-1])
         dustbin[m, rows] = p[:, -1]
-    reduced = _Weights(k=weight.t().contiguous(), dustbin=dustbin,
-                       num_active=_num_active(outputs, num_examples, p_general.device).to(p_general.dtype),
-                       cell=torch.arange(num_cells, device=p_general.device), outside=cells.outside)
-    masses, converged = _em(reduced, masses.t().contiguous(), tol, max_iter)
+    num_active = _num_active(outputs, num_examples, p_general.device).to(p_general.dtype)
+    slots = (dustbin > 0).sum(0)
+    share, converged = torch.empty_like(weight), True
+    for group in (slots <= math.log2(num_cells), slots > math.log2(num_cells)):  # patterns fewer than cells, or not
+        if group.any():
+            share[group], done = _cell_shares(weight[group], start[group], dustbin[:, group], num_active[group],
+                                              cells.outside, tol, max_iter)
+            converged &= done
     if not converged:
         _warn_unconverged("fixed_point", max_iter, tol)
-    share = torch.where(weight > 0, masses.t() / weight.clamp_min(torch.finfo(weight.dtype).tiny), 0)  # (B, K)
     q = p_general * share.index_select(1, cells.cell)
     for (rows, p), s in zip(outputs, ids):
         q.index_put_((rows[:, None], s), p[:, :-1] * share[rows][:, cells.cell[s]], accumulate=True)
     return q
+
+
+def _cell_shares(weight: Tensor, start: Tensor, dustbin: Tensor, num_active: Tensor, outside: Tensor, tol: float,
+                 max_iter: int) -> tuple[Tensor, bool]:
+    """EM (`_em`) on examples' cell weights K_j (B, K), from their masses under p^g `start`, merged into
+    the patterns of their active subsets where `_patterns` can: each cell's share Q_j/K_j (B, K) at the
+    end (a pattern's share for each of its cells), and whether every example converged."""
+    num_examples, num_cells = weight.shape
+    patterns = _patterns(outside, dustbin, num_cells)  # only where it makes the problem smaller
+    if patterns is None:
+        group = torch.arange(num_cells, device=weight.device).expand(num_examples, num_cells)
+        reduced = _Weights(k=weight.t().contiguous(), dustbin=dustbin, num_active=num_active, cell=group[0],
+                           outside=outside)
+    else:  # each cell to its pattern: (B, K) -> (B, 2^A)
+        order, valid, group, table = patterns
+        def merge(x: Tensor) -> Tensor:
+            return x.new_zeros(num_examples, table.shape[1]).scatter_add_(1, group, x)
+        weight, start = merge(weight), merge(start)
+        reduced = _Weights(k=weight.t().contiguous(), dustbin=(dustbin.t().gather(1, order) * valid).t().contiguous(),
+                           num_active=num_active, cell=torch.arange(table.shape[1], device=weight.device),
+                           outside=table)
+    masses, converged = _em(reduced, start.t().contiguous(), tol, max_iter)
+    share = torch.where(weight > 0, masses.t() / weight.clamp_min(torch.finfo(weight.dtype).tiny), 0)
+    return share.gather(1, group), converged
+
+
+def _patterns(outside: Tensor, dustbin: Tensor, most: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Each example's active specialists (with a dustbin mass) as slots, and each cell's pattern: which
+    slots' subsets it lies outside, as the bits of a number below 2^A. Returns the slots' specialists
+    (B, A) and which slots hold one (B, A), the cells' patterns (B, K), and the (A, 2^A) table, 1 where
+    pattern p lies outside slot a's subset; None where 2^A (A the most slots of any example) exceeds
+    `most`."""
+    free = dustbin > 0
+    width = max(1, int(free.sum(0).max()))
+    if 2**width > most:
+        return None
+    order = free.t().to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]  # (B, A)
+    valid = free.t().gather(1, order)
+    bits = 2 ** torch.arange(width, device=outside.device)
+    outside_bits = outside.to(torch.uint8)
+    pattern = torch.zeros(len(order), outside.shape[1], dtype=torch.long, device=outside.device)
+    for a in range(width):  # slot a's bit: the cell lies outside the subset of the example's a-th specialist
+        pattern += (outside_bits[order[:, a]] * valid[:, a, None]).long() << a
+    table = (torch.arange(2**width, device=outside.device)[None] // bits[:, None] % 2).to(outside.dtype)
+    return order, valid, pattern, table
 
 
 def _em(weights: _Weights, q: Tensor, tol: float, max_iter: int) -> tuple[Tensor, bool]:
@@ -349,20 +400,15 @@ def _newton(weights: _Weights, q: Tensor) -> Tensor:
     minimum). Damped Newton (backtracking until φ falls and r, t stay positive) converges
     quadratically where EM crawls; t_j is a difference of numbers of order 1 + |A|, so where q_j is
     far above K_j the answer is exact only to about eps·(1 + |A|)/t_j relatively (1e-9 in the tests'
-    slow case): EM's steps after it finish the job. Examples with more than NEWTON_ACTIVE active
-    specialists are left to EM."""
-    free = weights.dustbin > 0
-    width = max(1, int(free.sum(0).max()))  # active specialists (with a dustbin mass) per example, padded
-    if width > NEWTON_ACTIVE:
+    slow case): EM's steps after it finish the job. Where the patterns would be more than
+    NEWTON_PATTERNS and the cells (over 8 active specialists), EM alone goes on."""
+    patterns = _patterns(weights.outside, weights.dustbin, max(NEWTON_PATTERNS, weights.outside.shape[1]))
+    if patterns is None:
         return q
-    order = free.t().to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]  # (B, A)
-    valid = free.t().gather(1, order)
-    bits = 2 ** torch.arange(width, device=q.device)
-    pattern = torch.einsum("bak,ba->bk", weights.outside[order] * valid[..., None], (bits * valid).to(q.dtype)).long()
-    merged = (torch.arange(2**width, device=q.device)[None] // bits[:, None] % 2).to(q.dtype)  # (A, 2^A) outside
+    order, valid, pattern, merged = patterns
     k = weights.k.t()
-    cells_k = k.new_zeros(len(k), 2**width).scatter_add_(1, pattern, k)
-    cells_q = k.new_zeros(len(k), 2**width).scatter_add_(1, pattern, q.t())
+    cells_k = k.new_zeros(len(k), merged.shape[1]).scatter_add_(1, pattern, k)
+    cells_q = k.new_zeros(len(k), merged.shape[1]).scatter_add_(1, pattern, q.t())
     d = weights.dustbin.t().gather(1, order) * valid
     r = torch.where(valid, d / (cells_q @ merged.t()).clamp_min(torch.finfo(q.dtype).tiny), 0)
     masses = _newton_cells(cells_k, d, valid, merged, 1 + weights.num_active, r)

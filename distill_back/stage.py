@@ -1,7 +1,7 @@
 """Stage 6, `distill_back`: one student network learns the ensemble's combined distribution q*.
 
-Writes `soft_targets.safetensors` (log q* on the transfer set, computed once and reused by a resumed
-run), the student's `model.safetensors`, `metrics.jsonl` and checkpoint; with `distill_back.control` the
+Writes `soft_targets/` (log q* on the transfer set, each example's top `distill_back.top_k` classes and a
+tail bucket, streamed to memory-mapped files and reused, or gone on with, by a resumed run), the student's `model.safetensors`, `metrics.jsonl` and checkpoint; with `distill_back.control` the
 same in `control/` for a student taught by the generalist alone (self-distillation, the control that
 tells the ensemble's knowledge from the effect of distillation itself); and `report.json`, `report.md`
 and `distill_back.png`: test top-1 and NLL of every system (the baselines stage's generalists too), the

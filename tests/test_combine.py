@@ -66,12 +66,13 @@ def loop_fixed_point(p_general: torch.Tensor, probs: list, subsets: list, top_n:
                      iterations: int) -> torch.Tensor:
     """The EM update of DESIGN.md, one example and one specialist at a time, Q_m summed directly:
     q_c ← [p^g_c + Σ_{m∈A} ([c∈S_m] p^m_c + [c∉S_m] p^m_⊥ q_c / Q_m)] / (1 + |A|); then, as the solver
-    returns it, each cell's mass (a cell: the classes lying in exactly the same subsets) shared out
-    in proportion to k_c = p^g_c + Σ_{m∈A, c∈S_m} p^m_c (the same q once EM has converged)."""
+    returns it, each group's mass shared out in proportion to k_c = p^g_c + Σ_{m∈A, c∈S_m} p^m_c (the
+    same q once EM has converged): a group is the classes lying in the same active subsets where those
+    2^|A| patterns are no more than the cells (the classes lying in the same subsets), else a cell."""
     member = torch.zeros(p_general.shape[1], len(subsets), dtype=torch.bool)
     for m, s in enumerate(subsets):
         member[s, m] = True
-    cells = [[c for c in range(len(member)) if torch.equal(member[c], member[d])] for d in range(len(member))]
+    num_cells = len(torch.unique(member, dim=0))
     out = p_general.clone()
     for b, active in enumerate(loop_active(p_general, subsets, top_n)):
         q, k = p_general[b].clone(), p_general[b].clone()
@@ -86,8 +87,12 @@ def loop_fixed_point(p_general: torch.Tensor, probs: list, subsets: list, top_n:
                 new[subsets[m]] += probs[m][b, :-1]
                 new[~inside] += probs[m][b, -1] * q[~inside] / outside_mass
             q = new / (1 + len(active))
-        out[b] = q if len(active) < 2 else torch.stack([q[cells[c]].sum() * k[c] / k[cells[c]].sum()
-                                                         for c in range(len(q))])
+        if len(active) < 2:
+            out[b] = q
+            continue
+        key = member[:, active] if 2 ** len(active) <= num_cells else member
+        groups = [[c for c in range(len(key)) if torch.equal(key[c], key[d])] for d in range(len(key))]
+        out[b] = torch.stack([q[groups[c]].sum() * k[c] / k[groups[c]].sum() for c in range(len(q))])
     return out
 
 
