@@ -609,7 +609,7 @@ def _xlogx(p: Tensor) -> Tensor:
 
 def _prepare(p_general: Tensor, outputs: Outputs, ids: list[Tensor]) -> _Problem:
     """The class-major tensors the iterative solvers and `objective` use, from checked inputs."""
-    num_examples, num_classes = p_general.shape
+    num_examples = len(p_general)
     sizes = torch.tensor([len(s) for s in ids], dtype=torch.long, device=p_general.device)
     index = torch.cat([sizes.new_zeros(0), *ids])
     inside = p_general.new_zeros(len(index), num_examples)  # p^m_c at each subset entry where m is active

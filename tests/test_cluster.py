@@ -280,8 +280,7 @@ def test_embedded_columns_keep_the_columns_distances_and_give_the_same_subsets()
     x = _top_k(probs, 30)  # every class: the planted groups come out exactly
     matrix = cluster.covariance_matrix(x, "correlation")
     rows, values = cluster.embed(cluster.covariance_operator(x, "correlation"), 60, 60, seed=0)
-    gram = lambda m: m @ m.T  # noqa: E731  distances follow from the Gram matrix of the rows
-    np.testing.assert_allclose(gram(rows), gram(matrix), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(rows @ rows.T, matrix @ matrix.T, rtol=1e-8, atol=1e-10)  # the same distances
     np.testing.assert_allclose(np.sort(np.abs(values)), np.sort(np.abs(np.linalg.eigvalsh(matrix))), atol=1e-10)
     for c in (ClusterConfig(shape="partition", num_subsets=6, min_size=5, max_size=20),
               ClusterConfig(num_subsets=6, subset_size=10)):

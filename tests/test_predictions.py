@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import ensemble.predictions as predictions
+from ensemble import predictions
 from ensemble.predictions import prediction_matrix, read_split, sparsify, write_predictions
 
 
