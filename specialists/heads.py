@@ -34,12 +34,14 @@ DUSTBIN_SAMPLE = 4096  # training inputs the dustbin row is fitted on
 LossFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
-def specialist_net(generalist: Net, subset: torch.Tensor, features: torch.Tensor) -> Net:
+def specialist_net(generalist: Net, subset: torch.Tensor, features: torch.Tensor,
+                   outside: torch.Tensor | None = None) -> Net:
     """A copy of `generalist` whose head predicts the classes `subset` and then a dustbin; the dustbin
-    row is fitted on `features` (generalist trunk outputs for a sample of inputs with the natural mix)."""
+    row is fitted on `features` (generalist trunk outputs for a sample of inputs with the natural mix;
+    `outside`: their `outside_logit`, if already computed)."""
     net = copy.deepcopy(generalist)
     w, b = generalist.head.weight.detach(), generalist.head.bias.detach()
-    w_bin, b_bin = fit_dustbin_row(features, w, b, subset)
+    w_bin, b_bin = fit_dustbin_row(features, w, b, subset, outside=outside)
     head = nn.Linear(w.shape[1], len(subset) + 1).to(w.device, w.dtype)
     with torch.no_grad():
         head.weight.copy_(torch.cat([w[subset], w_bin[None]]))
@@ -49,22 +51,22 @@ def specialist_net(generalist: Net, subset: torch.Tensor, features: torch.Tensor
 
 
 def fit_dustbin_row(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, subset: torch.Tensor,
-                    max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_iter: int = 100, outside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The dustbin row (w, b) that makes the specialist's initial distribution closest to the generalist's.
 
     The exact dustbin logit would be logsumexp of the generalist's logits outside S, which no linear row
     can produce. We take the row that minimises the cross-entropy from the generalist's collapsed
     distribution [p_S, Σ_{c∉S} p_c] to the specialist's softmax([z_S, w·h + b]) over the features h:
-    a convex problem in (w, b), solved by L-BFGS started from the least-squares fit of that logsumexp.
+    a convex problem in (w, b), solved by L-BFGS started from the least-squares fit of that logsumexp
+    (`outside_logit`, or `outside` if the caller has it).
     """
     h = features.detach().double()
-    logits = h @ weight.double().T + bias.double()
     inside = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
     inside[subset] = True
-    z_in = logits[:, subset]
+    z_in = h @ weight[subset].double().T + bias[subset].double()
     if inside.all():  # nothing is left for the dustbin: make it (nearly) impossible
         return torch.zeros_like(weight[0]), torch.tensor(-30.0, dtype=bias.dtype, device=bias.device)
-    target_logit = logits[:, ~inside].logsumexp(dim=1)
+    target_logit = outside_logit(features, weight, bias, subset) if outside is None else outside
     target = torch.cat([z_in, target_logit[:, None]], dim=1).softmax(dim=1)
 
     design = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype, device=h.device)], dim=1)
@@ -82,6 +84,22 @@ def fit_dustbin_row(features: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     opt.step(loss)
     row = row.detach()
     return row[:-1].to(weight.dtype), row[-1].to(bias.dtype)
+
+
+LOGIT_BLOCK = 2**24  # outside_logit computes (examples × classes) logits in blocks of at most this many
+
+
+def outside_logit(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """log Σ_{c ∉ subset} exp(h·w_c + b_c) per row h of `features`: the generalist's logit of everything
+    outside the subset (-inf if nothing is), from float32 logits (the generalist's own precision) over
+    blocks of classes, each block's logsumexp in float32 and their sum in float64: at 100,000 classes the
+    whole (4,096 × C) logits would take 1.6 GB, and float64 arithmetic on them three times the time."""
+    keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    keep[subset] = False
+    h, classes = features.detach().float(), keep.nonzero()[:, 0]
+    width = max(1, LOGIT_BLOCK // max(1, len(h)))
+    parts = [torch.addmm(bias[c].float(), h, weight[c].float().T).logsumexp(dim=1).double() for c in classes.split(width)]
+    return torch.stack(parts, dim=1).logsumexp(dim=1) if parts else h.new_full((len(h),), -torch.inf).double()
 
 
 def dustbin_correction(pi: float, rho: float) -> float:
@@ -184,12 +202,17 @@ def collapse(probs: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
     return torch.cat([inside, (1 - inside.sum(dim=1, keepdim=True)).clamp_min(0)], dim=1)
 
 
-def dustbin_kl(features: torch.Tensor, generalist: Net, specialist: Net, subset: torch.Tensor) -> float:
-    """Mean KL from the generalist's collapsed distribution to the specialist's, on trunk `features`."""
+def dustbin_kl(features: torch.Tensor, generalist: Net, specialist: Net, subset: torch.Tensor,
+               outside: torch.Tensor | None = None) -> float:
+    """Mean KL from the generalist's collapsed distribution to the specialist's, on trunk `features`; the
+    generalist's mass outside the subset from `outside_logit` (or `outside`, if the caller has it)."""
     with torch.no_grad():
-        p = collapse(generalist.head(features).softmax(dim=1).double(), subset)
+        w, b = generalist.head.weight, generalist.head.bias
+        if outside is None:
+            outside = outside_logit(features, w, b, subset)
+        z = torch.cat([features.double() @ w[subset].double().T + b[subset].double(), outside[:, None]], dim=1)
         log_q = specialist.head(features).double().log_softmax(dim=1)
-        return F.kl_div(log_q, p, reduction="batchmean").item()
+        return F.kl_div(log_q, z.log_softmax(dim=1), reduction="batchmean", log_target=True).item()
 
 
 def trunk_outputs(net: Net, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
@@ -240,8 +263,9 @@ class DustbinHead(_Head):
         collapsed ones there."""
         sample = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:DUSTBIN_SAMPLE]
         features = trunk_outputs(generalist, x[sample], device, batch_size)
-        net = specialist_net(generalist, self.subset, features)
-        kl = dustbin_kl(features, generalist, net, self.subset)
+        outside = outside_logit(features, generalist.head.weight.detach(), generalist.head.bias.detach(), self.subset)
+        net = specialist_net(generalist, self.subset, features, outside)
+        kl = dustbin_kl(features, generalist, net, self.subset, outside)
         return with_own_head(net, self.hidden), kl
 
     def start_macs(self, num_train: int, generalist: int, widened: int) -> int:
