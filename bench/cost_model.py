@@ -32,6 +32,7 @@ from ensemble.nets import build_net
 ROOT = Path(__file__).resolve().parents[1]
 GB, MB = 2**30, 2**20
 BLOCK = 2**28  # the combiner stage's block of (images × classes) float64 (combiner/stage.py BLOCK_BYTES)
+SAMPLE = 4096  # images a specialist's start passes through the generalist (specialists/heads.py DUSTBIN_SAMPLE)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def stages(sh: Shape, base: float = 0) -> dict[str, dict[str, float]]:
                     "memory": images + 12 * sh.n_v * kept(sh.k, sh.c) + matrix,
                     "macs": sh.n_v * kept(sh.k, sh.c) ** 2 if not sh.d else 16 * sh.n_v * kept(sh.k, sh.c) * sh.d},
         "specialists": {"disk": 16 * sh.m * sh.w_s, "memory": images + 16 * sh.w_g + 4 * sh.batch * sh.c,
-                        "macs": 3 * specialist_examples * sh.p_s + sh.n_e * sh.p_g},
+                        "macs": 3 * specialist_examples * sh.p_s + sh.m * min(SAMPLE, sh.n_t) * sh.p_g + sh.n_e * sh.p_g},
         "combiner": {"disk": 0, "memory": images + 4 * (sh.w_g + sh.m * sh.w_s) + 6 * block,
                      "macs": sh.n_e * (sh.p_g + sh.a * sh.p_s)},
         "distill_back": {"disk": students * (soft_bytes(sh) + 16 * sh.w_g),
