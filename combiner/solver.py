@@ -16,12 +16,17 @@ and strictly so because p^g > 0 wherever it matters. Two solvers:
 
       q_c ← [ k_c + q_c · Σ_{m∈A, c∉S_m} p^m_⊥ / Q_m ] / (1 + |A|).
 
-  Classes that lie in the same subsets form a cell; Q_m and Σ_{m∌c} p^m_⊥/Q_m are sums over the
-  K cells of non-negative terms (never Σq - Σ_{S_m} q, which cancels where q puts all but a sliver of
-  its mass inside S_m), so one iteration costs O(B·(C + M·K)) and no B×M×C tensor is ever formed.
-  K is M + 1 for a partition and at most C. With several
-  active specialists EM can converge linearly at a rate near 1, so after a few plain steps the solver
-  extrapolates along EM's path with SQUAREM (Varadhan & Roland 2008), guarded so that f never rises.
+  An example with one active specialist gets the closed form below, without iterating. Classes that
+  lie in the same subsets form a cell and get the same factor in every update, so EM runs on the cell
+  masses (merged further into the 2^|A| patterns of an example's own active subsets where those are
+  fewer), and q shares each one's mass in proportion to k_c at the end: an iteration costs
+  O(B·M·K) or O(B·|A|·2^|A|), not O(B·C), and Q_m and Σ_{m∌c} p^m_⊥/Q_m are sums of non-negative terms
+  (never Σq - Σ_{S_m} q, which cancels where q puts all but a sliver of its mass inside S_m). With
+  several active specialists EM can converge linearly at a rate near 1: after its plain steps a
+  Newton step on the dual (`_newton`) takes the example to the minimum where it lowers f, and the
+  solver extrapolates along EM's path with SQUAREM (Varadhan & Roland 2008), guarded so that f never
+  rises. Only the examples with active specialists, and each specialist's outputs on its own examples
+  (`combine_active`), are ever worked on.
 - `"gradient"`: the paper's gradient descent on logits z, q = softmax(z), started at z = log p^g, the
   gradient from autograd; it equals (1 + |A|)·(q - EM(q)), so both solvers stop at the same point. The
   optimiser is Adam with a per-example learning rate halved on plateaus: plain descent's step is
