@@ -93,18 +93,8 @@ class Combiner:
         (probabilities far below float32's 1e-38 keep their ratios), and float32 for the within-subset
         rule, which moves mass only inside active subsets (each holding a top class: at least 1/C of
         the mass) and so computes nothing float32 cannot hold."""
-        dtype = self._dtype(dtype)
-        logits, outputs = self._run(x, self.top_n if top_n == "own" else top_n, dtype)
-        return _softmax(logits, dtype), outputs
-
-    def _dtype(self, dtype: torch.dtype | None) -> torch.dtype:
-        if dtype is not None:
-            return dtype
-        return torch.float32 if self.method == "within_subset" else torch.float64
-
-    def _run(self, x: torch.Tensor, top_n: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, Outputs]:
-        """The generalist's float32 logits for images `x`, and the specialists' probabilities (in
-        `dtype`) on the examples each is active for at `top_n`."""
+        if dtype is None:
+            dtype = torch.float32 if self.method == "within_subset" else torch.float64
         x = self._images(x).to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         with exact_float32(self.device):
@@ -112,13 +102,14 @@ class Combiner:
             if self._checked != logits.shape[1]:  # the subsets against the generalist's classes, once
                 _check_subsets(self.subsets, logits)
                 self._checked = logits.shape[1]
+            top_n = self.top_n if top_n == "own" else top_n
             active = _active(logits, self.subsets, top_n).bool()  # the top classes: those of the probabilities
             outputs = []
             for net, subset, needed in zip(self.specialists, self.subsets, active):
                 rows = needed.nonzero()[:, 0]
                 outputs.append((rows, _softmax(net(x[rows]), dtype) if len(rows) else
                                 logits.new_zeros(0, len(subset) + 1, dtype=dtype)))
-        return logits, outputs
+        return _softmax(logits, dtype), outputs
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         """`x` if it is a batch of images the nets can take, else a ValueError saying what they take."""
