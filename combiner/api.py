@@ -75,10 +75,17 @@ class Combiner:
         """q (N, C) in float32 for images `x`: uint8 (N, C, H, W), or floats in [0, 1]; anything else is
         a ValueError that says what was expected. Combined in float64 or float32 (see `outputs`)."""
         p_general, outputs = self.outputs(x)
+        return self.combine(p_general, outputs, overwrite=True).float()
+
+    def combine(self, p_general: torch.Tensor, outputs: Outputs, method: Method | None = None,
+                overwrite: bool = False) -> torch.Tensor:
+        """q for what `outputs` returned, by `method` (default the Combiner's): `combine_active` without
+        checking its inputs again, the subsets' cells computed once per dtype (at 100,000 classes that
+        takes longer than combining a batch)."""
         if p_general.dtype not in self._cells:
             self._cells[p_general.dtype] = _cells(self.subsets, p_general)
-        return _combine(p_general, outputs, self.subsets, self.method, None, MAX_ITER, overwrite=True,
-                        cells=self._cells[p_general.dtype]).float()
+        return _combine(p_general, outputs, self.subsets, method or self.method, None, MAX_ITER, overwrite=overwrite,
+                        cells=self._cells[p_general.dtype])
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor, top_n: int | None | str = "own", dtype: torch.dtype | None = None

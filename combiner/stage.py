@@ -33,7 +33,7 @@ from ensemble.train import resolve_device
 
 from .api import Combiner, load_ensemble
 from .plots import plot_table4
-from .solver import Outputs, active_specialists, combine_active
+from .solver import Outputs, active_specialists
 
 BLOCK_BYTES = 2**28  # the evaluation works on blocks of images whose (images × classes) float64 tensors take
 #   256 MiB at most: 2,236 images at 15,000 classes, 335 at 100,000
@@ -63,10 +63,10 @@ def run(run_dir: Path, cfg: Config) -> dict:
     other = "fixed_point" if method == "within_subset" else "within_subset"
     systems = {"generalist": (lambda g, outputs: g, None)}
     for n in cfg.combine.top_n:
-        systems[f"{label}, top_n={n}"] = (lambda g, outputs: combine_active(g, outputs, classes, method), n)
+        systems[f"{label}, top_n={n}"] = (lambda g, outputs: combiner.combine(g, outputs, method), n)
     systems[f"average, top_n={first}"] = (lambda g, outputs: average_combine(g, outputs, classes), first)
     systems[f"lowest dustbin, top_n={first}"] = (lambda g, outputs: lowest_dustbin_combine(g, outputs, classes), first)
-    systems[f"{LABELS[other]}, top_n={first}"] = (lambda g, outputs: combine_active(g, outputs, classes, other), first)
+    systems[f"{LABELS[other]}, top_n={first}"] = (lambda g, outputs: combiner.combine(g, outputs, other), first)
     results = evaluate_systems(combiner, systems, data.x_test, labels, data.num_classes)
 
     general = results["generalist"]
@@ -159,8 +159,7 @@ def choose_method(combiner: Combiner, top_n: int, x_val: Images, labels: torch.T
                   num_classes: int) -> tuple[str, dict]:
     """`combine.method=auto`: of the KL and the within-subset combiners, the one with the higher top-1 on
     the validation set, and each one's validation top-1."""
-    classes = combiner.subsets
-    systems = {m: (lambda g, outputs, m=m: combine_active(g, outputs, classes, m), top_n) for m in AUTO}
+    systems = {m: (lambda g, outputs, m=m: combiner.combine(g, outputs, m), top_n) for m in AUTO}
     results = evaluate_systems(combiner, systems, x_val, labels, num_classes)
     top1 = {m: results[m].right.double().mean().item() for m in AUTO}
     return max(AUTO, key=top1.get), top1
@@ -232,10 +231,9 @@ def table4_rows(before: torch.Tensor, after: torch.Tensor, active: torch.Tensor,
 def expand(p_general: torch.Tensor, p_specialist: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
     """A specialist's distribution over all classes: its own on the subset, its dustbin mass spread over
     the other classes in the generalist's proportions."""
-    outside = p_general.clone()
-    outside[:, subset] = 0
-    outside /= outside.sum(dim=1, keepdim=True).clamp_min(torch.finfo(outside.dtype).tiny)
-    full = outside * p_specialist[:, -1:]
+    full = p_general.clone()
+    full[:, subset] = 0
+    full *= p_specialist[:, -1:] / full.sum(dim=1, keepdim=True).clamp_min(torch.finfo(full.dtype).tiny)
     full[:, subset] = p_specialist[:, :-1]
     return full
 
@@ -246,7 +244,7 @@ def average_combine(p_general: torch.Tensor, outputs: Outputs, subsets: list[tor
     for (rows, p), s in zip(outputs, subsets):
         total[rows] += expand(p_general[rows], p, s)
         count[rows] += 1
-    return total / count[:, None]
+    return total.div_(count[:, None])
 
 
 def lowest_dustbin_combine(p_general: torch.Tensor, outputs: Outputs, subsets: list[torch.Tensor]) -> torch.Tensor:

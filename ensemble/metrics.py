@@ -35,9 +35,32 @@ def conditional_top1(scores: torch.Tensor, labels: torch.Tensor, subsets: Sequen
 
 def conditional_counts(scores: torch.Tensor, labels: torch.Tensor, subsets: Sequence[torch.Tensor]) -> tuple[int, int]:
     """`conditional_top1`'s hits and pairs, to be added up batch by batch."""
-    hits, pairs = 0, 0
-    for s in subsets:
-        inside = torch.isin(labels, s)
-        hits += int((s[scores[inside][:, s].argmax(dim=1)] == labels[inside]).sum())
-        pairs += int(inside.sum())
-    return hits, pairs
+    _, hit = conditional_hits(scores, labels, subsets)
+    return int(hit.sum()), len(hit)
+
+
+def conditional_hits(scores: torch.Tensor, labels: torch.Tensor, subsets: Sequence[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every pair (example b, subset m holding b's true class): m, and whether the argmax of
+    scores[b] over subset m's classes (the first in m's order on a tie) is the true class. All pairs at
+    once: the subsets as one sorted id list looked up at the labels, then a (pairs × largest subset)
+    gather; never examples × subsets."""
+    device = scores.device
+    sizes = torch.tensor([len(s) for s in subsets], dtype=torch.long, device=device)
+    if not int(sizes.sum()):
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.bool, device=device)
+    labels = labels.to(device)
+    ids = torch.cat([torch.as_tensor(s, device=device).long() for s in subsets])
+    owner = torch.repeat_interleave(torch.arange(len(subsets), device=device), sizes)
+    ids_sorted, order = ids.sort(stable=True)
+    first = torch.searchsorted(ids_sorted, labels)
+    count = torch.searchsorted(ids_sorted, labels, right=True) - first  # subsets holding each label
+    example = torch.repeat_interleave(torch.arange(len(labels), device=device), count)
+    offset = torch.arange(len(example), device=device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    m = owner[order[torch.repeat_interleave(first, count) + offset]]
+    valid = torch.arange(int(sizes.max()), device=device) < sizes[:, None]  # (M, largest subset)
+    table = torch.zeros(valid.shape, dtype=torch.long, device=device)
+    table[valid] = ids
+    candidates = table[m]
+    restricted = scores[example[:, None], candidates].masked_fill(~valid[m], -torch.inf)
+    return m, candidates.gather(1, restricted.argmax(dim=1, keepdim=True))[:, 0] == labels[example]

@@ -19,7 +19,7 @@ from ensemble.config import Config, TrainConfig, specialist_net_config
 from ensemble.data import Images, load_data
 from ensemble.launch import run_tasks
 from ensemble.layout import NetDir, RunDir
-from ensemble.metrics import conditional_counts
+from ensemble.metrics import conditional_hits
 from ensemble.nets import BUILT_IN, load_net
 from ensemble.rundir import load_tensors, read_json, read_trained, save_trained, trained_metrics, write_json
 from ensemble.train import logit_batches, resolve_device
@@ -144,8 +144,9 @@ def generalist_conditional_top1(generalist: nn.Module, subsets: list[torch.Tenso
                                    channels_last=train.channels_last):
         labels = y[start:start + len(logits)]
         start += len(logits)
-        for m, s in enumerate(subsets):
-            counts[m] += torch.tensor(conditional_counts(logits, labels, [s]))
+        m, hit = conditional_hits(logits, labels, subsets)
+        counts[:, 0] += torch.bincount(m[hit], minlength=len(subsets)).cpu()
+        counts[:, 1] += torch.bincount(m, minlength=len(subsets)).cpu()
     return [hits / pairs if pairs else float("nan") for hits, pairs in counts.tolist()]
 
 

@@ -14,7 +14,7 @@ from combiner.stage import (
     lowest_dustbin_combine,
 )
 from ensemble.data import load_data
-from ensemble.metrics import conditional_top1
+from ensemble.metrics import conditional_counts, conditional_top1
 from ensemble.pipeline import run_pipeline
 from ensemble.predictions import read_split
 from ensemble.rundir import load_tensors
@@ -176,6 +176,24 @@ def test_simple_combiners_and_conditional_accuracy():
     assert conditional_top1(avg, labels, subsets) == 0.5
 
 
+
+def test_conditional_counts_against_a_loop_over_subsets():
+    """All (example, subset) pairs at once = each subset's rows and columns taken one at a time, ties
+    (integer scores) included: the first class in the subset's order wins."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        num_classes, num_examples, num_subsets = (int(torch.randint(1, n, (1,), generator=g)) for n in (30, 20, 6))
+        subsets = [torch.randperm(num_classes, generator=g)[:int(torch.randint(1, num_classes + 1, (1,), generator=g))]
+                   for _ in range(num_subsets)]
+        scores = torch.randint(0, 4, (num_examples, num_classes), generator=g).float()
+        labels = torch.randint(0, num_classes, (num_examples,), generator=g)
+        hits, pairs = 0, 0
+        for s in subsets:
+            inside = torch.isin(labels, s)
+            hits += int((s[scores[inside][:, s].argmax(dim=1)] == labels[inside]).sum())
+            pairs += int(inside.sum())
+        assert conditional_counts(scores, labels, subsets) == (hits, pairs)
+
 def test_within_subset_combiner_against_a_slow_reference():
     """The generalist's mass on each active subset, shared out by the specialist's distribution within
     it; the mean over several active specialists; the generalist's distribution where none is active."""
@@ -220,7 +238,7 @@ def test_the_evaluation_block_by_block_is_the_evaluation_of_the_whole_test_set(t
     data = load_data(trained.data)
     ensemble = Combiner.from_run(trained.run_dir, top_n=2)
     subsets = ensemble.subsets
-    systems = {"kl": (lambda g, outputs: evaluate.combine_active(g, outputs, subsets), 1),
+    systems = {"kl": (lambda g, outputs: ensemble.combine(g, outputs, "fixed_point"), 1),
                "average": (lambda g, outputs: average_combine(g, outputs, subsets), 2),
                "lowest": (lambda g, outputs: lowest_dustbin_combine(g, outputs, subsets), 1)}
     whole = evaluate_systems(ensemble, systems, data.x_test, data.y_test, data.num_classes)
