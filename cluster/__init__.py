@@ -26,7 +26,7 @@ Sizes left null in the config are set from C (`resolve`): M = round(√C), parti
 quarter of and three times C/M, overlapping subsets of 1.5·C/M classes.
 """
 from .covariance import (centred_logits, check_predictions, covariance_matrix, covariance_operator, embed,
-                         unit_rows)
+                         silent_rows, unit_rows)
 from .report import (confusion_capture, coverage, group_agreement, random_capture, single_assignment,
                      soft_confusion, subset_report, together)
 from .stage import check, find_subsets, resolve, run
@@ -36,6 +36,7 @@ from .subsets import (bounded_assignment, class_vectors, fit_kmeans, membership,
 __all__ = [
     "run", "check", "resolve", "find_subsets",
     "check_predictions", "centred_logits", "covariance_matrix", "covariance_operator", "embed", "unit_rows",
+    "silent_rows",
     "class_vectors", "fit_kmeans", "partition", "bounded_assignment", "overlapping", "squared_distances",
     "membership",
     "soft_confusion", "together", "confusion_capture", "random_capture", "coverage", "single_assignment",

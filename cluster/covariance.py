@@ -149,8 +149,18 @@ def unit_rows(matrix: np.ndarray) -> np.ndarray:
     without a transposed copy; for `embed`'s rows, whose lengths are the columns' lengths, likewise (a
     class that never varies has a zero column, and an embedded row of rounding noise)."""
     norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
-    zero = norms <= ZERO_ROW * norms.max(initial=0)
+    zero = _silent(norms)
     return np.where(zero[:, None], 0, matrix / np.where(zero, 1, norms)[:, None])
+
+
+def silent_rows(matrix: np.ndarray) -> np.ndarray:
+    """(C,) True for the classes `unit_rows` zeroes: those that never vary in the predictions, which
+    nothing is confused with."""
+    return _silent(np.sqrt(np.einsum("ij,ij->i", matrix, matrix)))
+
+
+def _silent(norms: np.ndarray) -> np.ndarray:
+    return norms <= ZERO_ROW * norms.max(initial=0)
 
 
 ZERO_ROW = 1e-10

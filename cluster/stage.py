@@ -15,7 +15,8 @@ from ensemble.layout import RunDir
 from ensemble.predictions import dense_logits, prediction_matrix
 from ensemble.rundir import save_tensors, write_json
 
-from .covariance import Matrix, centred_logits, check_predictions, covariance_matrix, covariance_operator, embed
+from .covariance import (Matrix, centred_logits, check_predictions, covariance_matrix, covariance_operator, embed,
+                         silent_rows)
 from .plots import plot_coverage, plot_matrix
 from .report import coverage, single_assignment, subset_report
 from .subsets import class_vectors, fit_kmeans, overlapping, partition
@@ -57,7 +58,7 @@ def find_subsets(matrix: np.ndarray, c: ClusterConfig, seed: int
     if c.shape == "partition":
         subsets, centroids = partition(vectors, centroids, c.min_size, c.max_size)
     else:
-        subsets = overlapping(vectors, centroids, c.subset_size)
+        subsets = overlapping(vectors, centroids, c.subset_size, silent_rows(matrix))
     return subsets, vectors, centroids
 
 

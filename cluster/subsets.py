@@ -120,12 +120,19 @@ def bounded_assignment(d: np.ndarray, min_size: int, max_size: int) -> np.ndarra
     return labels
 
 
-def overlapping(vectors: np.ndarray, centroids: np.ndarray, size: int) -> list[np.ndarray]:
+def overlapping(vectors: np.ndarray, centroids: np.ndarray, size: int, silent: np.ndarray | None = None
+                ) -> list[np.ndarray]:
     """The paper's fixed-size subsets: subset m holds the `size` classes nearest to centroid m. Subsets may
-    share classes, and a class near no centroid is in none (the generalist alone answers for it)."""
+    share classes, and a class near no centroid is in none (the generalist alone answers for it).
+    `silent` (C,) marks the classes that never vary (zero vectors): they come last for every subset.
+    A zero vector lies nearer to every centroid than most unit vectors do, so without this each such
+    class joined every subset, and an image the generalist gave one of them activated every specialist."""
     num_classes = len(vectors)
     if not 1 <= size <= num_classes:
         raise ValueError(f"cannot make subsets of {size} classes out of {num_classes}: the subset size must "
                          f"be between 1 and the number of classes")
-    nearest = np.argsort(squared_distances(vectors, centroids), axis=0, kind="stable")[:size]
+    distances = squared_distances(vectors, centroids)
+    if silent is not None:
+        distances[silent] = np.inf
+    nearest = np.argsort(distances, axis=0, kind="stable")[:size]
     return [np.sort(nearest[:, m]) for m in range(len(centroids))]

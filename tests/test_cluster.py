@@ -77,6 +77,20 @@ def test_overlapping_on_planted_groups():
     assert adjusted_rand_score(groups, assignment) == pytest.approx(1.0)
 
 
+
+def test_classes_that_never_vary_join_no_overlapping_subset():
+    """Issue 25's 100,000-class run: two classes the held-out predictions never gave any mass (zero
+    vectors) sat nearer to every centroid than the real classes, so they were in 314 of 316 subsets,
+    and an image the generalist gave one of them activated 314 specialists."""
+    probs, _, groups = planted_predictions(60, 10, 10, seed=0)
+    probs = np.concatenate([probs, np.zeros((len(probs), 3))], axis=1)  # classes 60, 61, 62: never predicted
+    subsets, vectors, centroids = _subsets(probs, num_subsets=6, shape="overlapping", subset_size=12)
+    assert [len(s) for s in subsets] == [12] * 6
+    assert cluster.coverage(subsets, 63)[60:].tolist() == [0, 0, 0]
+    assert adjusted_rand_score(groups, cluster.single_assignment(vectors, centroids, subsets)[:60]) == pytest.approx(1.0)
+    unguarded = cluster.overlapping(vectors, centroids, 12)  # what the stage did before
+    assert cluster.coverage(unguarded, 63)[60:].tolist() == [6, 6, 6]
+
 @pytest.mark.parametrize("seed", range(4))
 def test_partition_respects_the_size_bounds(seed):
     rng = np.random.default_rng(seed)
