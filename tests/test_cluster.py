@@ -77,7 +77,6 @@ def test_overlapping_on_planted_groups():
     assert adjusted_rand_score(groups, assignment) == pytest.approx(1.0)
 
 
-
 def test_classes_that_never_vary_join_no_overlapping_subset():
     """Issue 25's 100,000-class run: two classes the held-out predictions never gave any mass (zero
     vectors) sat nearer to every centroid than the real classes, so they were in 314 of 316 subsets,
@@ -90,6 +89,7 @@ def test_classes_that_never_vary_join_no_overlapping_subset():
     assert adjusted_rand_score(groups, cluster.single_assignment(vectors, centroids, subsets)[:60]) == pytest.approx(1.0)
     unguarded = cluster.overlapping(vectors, centroids, 12)  # what the stage did before
     assert cluster.coverage(unguarded, 63)[60:].tolist() == [6, 6, 6]
+
 
 @pytest.mark.parametrize("seed", range(4))
 def test_partition_respects_the_size_bounds(seed):

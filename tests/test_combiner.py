@@ -176,7 +176,6 @@ def test_simple_combiners_and_conditional_accuracy():
     assert conditional_top1(avg, labels, subsets) == 0.5
 
 
-
 def test_conditional_counts_against_a_loop_over_subsets():
     """All (example, subset) pairs at once = each subset's rows and columns taken one at a time, ties
     (integer scores) included: the first class in the subset's order wins."""
