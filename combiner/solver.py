@@ -62,7 +62,8 @@ ADAM_RATE, ADAM_BETAS, PATIENCE = 0.1, (0.9, 0.999), 20  # the gradient method's
 MIN_GAIN = 1e-12  # a relative decrease of the objective smaller than this (or 16 eps) is no progress
 MAX_ITER = 1000  # fixed_point's and gradient's default bound on iterations
 PLAIN_STEPS = 10  # fixed_point's first iterations are plain EM steps: see _fixed_point
-NEWTON_STEPS, NEWTON_PATTERNS = 50, 256  # then Newton on the dual (`_newton`), on at most max(256, K) patterns
+NEWTON_STEPS, NEWTON_PATTERNS = 50, 1024  # then Newton on the dual (`_newton`), on at most max(1024, K) patterns
+STEP_TOL, FLAT = 1e-13, 1e6  # Newton stops when its step in r is below STEP_TOL·r; FLAT: see _newton_cells
 MAX_HALVINGS = 20  # SQUAREM halves an infeasible extrapolation this often, then takes the plain double step
 
 
@@ -402,11 +403,12 @@ def _newton(weights: _Weights, q: Tensor) -> Tensor:
     φ(r) = -Σ_j K_j log t_j - Σ_a p^a_⊥ log r_a, whose gradient is Q_a(r) - p^a_⊥/r_a: |A| unknowns
     per example, not C. Only which active subsets a cell lies outside matters, so cells are merged
     into the 2^|A| possible patterns (each pattern's mass shared out in proportion to K_j, as at the
-    minimum). Damped Newton (backtracking until φ falls and r, t stay positive) converges
+    minimum). Damped Newton (backtracking until φ falls and r, t stay positive; near the minimum,
+    where φ cannot resolve the decrease any more, full steps until r stops moving) converges
     quadratically where EM crawls; t_j is a difference of numbers of order 1 + |A|, so where q_j is
     far above K_j the answer is exact only to about eps·(1 + |A|)/t_j relatively (1e-9 in the tests'
     slow case): EM's steps after it finish the job. Where the patterns would be more than
-    NEWTON_PATTERNS and the cells (over 8 active specialists), EM alone goes on."""
+    NEWTON_PATTERNS and the cells (over 10 active specialists), EM alone goes on."""
     patterns = _patterns(weights.outside, weights.dustbin, max(NEWTON_PATTERNS, weights.outside.shape[1]))
     if patterns is None:
         return q
@@ -450,13 +452,17 @@ def _newton_cells(k: Tensor, d: Tensor, valid: Tensor, outside: Tensor, total: T
             torch.where(valid, 0.0, 1.0).to(k.dtype)) + hessian * torch.eye(len(out), dtype=k.dtype, device=k.device))
         step = -torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
         decrement = -(grad * step).sum(1)  # the decrease Newton's model predicts, twice
-        done |= ~(decrement > 16 * torch.finfo(k.dtype).eps * value.abs().clamp_min(1))
+        done |= ~(decrement > 0) | (step.abs() <= STEP_TOL * r).all(1)  # r converged to its precision
         if done.all():
             break
+        # Below what φ can resolve (a few eps of its value) a decrease cannot be checked: near the
+        # minimum the full step is taken where it stays feasible (a small dustbin makes its r tiny,
+        # and φ's terms in it far below φ's rounding)
+        unresolved = decrement <= FLAT * torch.finfo(k.dtype).eps * value.abs().clamp_min(1)
         alpha = torch.where(done, 0.0, 1.0).to(k.dtype)
         for _ in range(60):  # backtracking: φ falls by at least a quarter of the predicted decrease
             trial, trial_t = phi(r + alpha[:, None] * step)
-            good = done | (trial <= value - alpha * decrement / 4)
+            good = done | (trial <= value - alpha * decrement / 4) | (unresolved & trial.isfinite())
             if good.all():
                 break
             alpha = torch.where(good, alpha, alpha / 2)

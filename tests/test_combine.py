@@ -385,3 +385,29 @@ def test_combine_leaves_its_inputs_as_they_were(examples):
     inputs = [p_general.clone(), *(p.clone() for p in probs)]
     combine(p_general, probs, [[0, 1, 2], [2, 3]], top_n=None)
     assert all(torch.equal(a, b) for a, b in zip([p_general, *probs], inputs))
+
+
+def test_newton_finishes_where_a_confident_specialists_terms_are_below_the_duals_rounding():
+    """The default's test image 6572 (`bench/scale.py --config configs/default.yaml`): four active
+    specialists, two of them with dustbins of 7e-5 and 3e-5, as the 16 patterns of their subsets.
+    Newton stopped once φ could no longer tell its steps' decrease from rounding, 1e-4 from the minimum,
+    and EM then crawled past max_iter = 1,000 with a warning; now it takes full steps there and
+    lands within 1e-8, and EM confirms within max_iter."""
+    from combiner.solver import _em, _Weights
+
+    k = torch.tensor([3.00119, 2.92119e-10, 0.00199655, 3.04596e-07, 0.070487, 8.49292e-06, 0.0242346, 0.000763638,
+                      0.00169829, 0.0, 0.000421716, 1.01859e-05, 6.11816e-07, 1.8476e-17, 7.67052e-05, 2.34359e-09],
+                     dtype=torch.float64)
+    start = torch.tensor([0.9192, 2.91655e-10, 0.00199374, 3.03129e-07, 0.0573538, 2.36058e-06, 0.0202158,
+                          0.000681255, 4.72803e-05, 0.0, 0.000420319, 1.01858e-05, 2.21915e-10, 1.0818e-17,
+                          7.50755e-05, 2.34359e-09], dtype=torch.float64)
+    outside = ((torch.arange(16)[None] >> torch.arange(4)[:, None]) & 1).double()  # pattern j lies outside S_a: bit a
+    weights = _Weights(k=k[:, None], dustbin=torch.tensor([[7.185460e-05], [3.061054e-05], [0.9916008], [0.9074096]],
+                                                           dtype=torch.float64),
+                       num_active=torch.tensor([4.0], dtype=torch.float64), cell=torch.arange(16), outside=outside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, converged = _em(weights, start[:, None].clone(), 1e-10, 1000)
+    reference, _ = _em(weights, start[:, None].clone(), 1e-13, 200_000)
+    assert converged
+    torch.testing.assert_close(q, reference, rtol=0, atol=1e-9)
