@@ -58,9 +58,11 @@ def main() -> None:
             "classes": cfg.data.num_classes}
     rows = []
     if args.resume:
+        if not (RESULTS / f"{name}.json").is_file():
+            sys.exit(f"--resume: no {RESULTS / name}.json to go on from: run without --resume")
         before = json.loads((RESULTS / f"{name}.json").read_text())
         rows, meta = before["rows"], {**meta, **({"note": before["note"]} if "note" in before else {})}
-    if not args.resume:
+    else:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
     for stage in STAGES[len(rows):]:
         command = [sys.executable, "-c", STAGE, "stage", stage.name, "--config", str(args.config),
