@@ -3,7 +3,11 @@ that the ensemble's gain is not just more training.
 
 - `compute`: as much training compute as the generalist and all the specialists together;
 - `wall_clock`: as much as the generalist and the longest specialist, the ensemble's training time when
-  every specialist has a worker of its own.
+  every specialist has a worker of its own;
+- `inference`: the generalist's net widened (or, where a width step overshoots, deepened) until its
+  multiply-adds per example reach the ensemble's, measured on the validation set (the generalist, then
+  the specialists active there past their shared blocks), trained for the `compute` budget's
+  multiply-adds: the single network a user could afford instead of the ensemble at inference.
 
 With an imported generalist (`generalist.checkpoint`) its own training compute is unknown, and the
 question is another: specialists, or more training? Each baseline is then that generalist trained on,
@@ -23,38 +27,44 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ensemble.config import Config, specialist_net_config
+from ensemble.config import Config, NetConfig, from_dict, specialist_net_config
 from ensemble.cost import multiply_adds
 from ensemble.data import Data, load_data
 from ensemble.launch import Store, run_tasks, task_folder
 from ensemble.layout import RunDir
-from ensemble.metrics import classification_metrics
-from ensemble.nets import build_net, load_net
+from ensemble.metrics import active_table, classification_metrics
+from ensemble.nets import BUILT_IN, build_net, load_net
 from ensemble.parallel import check_workers, train_storage
 from ensemble.rundir import load_tensors, read_json, read_trained, save_tensors, save_trained, trained_metrics, write_json
-from ensemble.train import predict_logits, resolve_device
+from ensemble.train import logit_batches, predict_logits, resolve_device
 from generalist import train_generalist
-from specialists import load_specialists, make_head
+from specialists import branch_costs, ensemble_multiply_adds, load_specialists, make_head, shared_blocks, widen
 
 FORWARD_SHARE = 1 / 3  # a forward pass is about a third of a training step (backward costs twice forward)
-TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist"}
+TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist",
+          "inference": "equal-inference-cost generalist"}
 TRAINED_ON = {"compute": "generalist trained on for the specialists' compute",
-              "wall_clock": "generalist trained on for the longest specialist's compute"}
+              "wall_clock": "generalist trained on for the longest specialist's compute",
+              "inference": "generalist widened to the ensemble's inference cost, trained on for the specialists' compute"}
+DEEPER = 2  # the equal-inference-cost net may have up to this many more layers per stage than the generalist
+OVERSHOOT = 1.1  # ... where widening alone would overshoot the ensemble's multiply-adds by more than this factor
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One baseline: the budget it matches, the epochs it trains for, and what it is called."""
+    """One baseline: the budget it matches, the epochs it trains for, what it is called, and its net."""
 
     name: str
     epochs: int
     title: str
+    net: NetConfig
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
@@ -67,7 +77,17 @@ def run(run_dir: Path, cfg: Config) -> dict:
     imported = cfg.generalist.checkpoint is not None
     titles = TRAINED_ON if imported else TITLES
     start = load_tensors(paths.generalist.weights) if imported else None
-    jobs = [Budget(name, max(1, math.ceil(epochs[name] - 1e-9)), titles[name]) for name in cfg.baselines.budgets]
+    nets = {name: cfg.generalist.net for name in epochs}
+    sizing = {}
+    if "inference" in trained_budgets(cfg):
+        target = inference_target(run_dir, cfg, data)
+        nets["inference"], macs = equal_inference_net(cfg.generalist.net, data.input_shape, data.num_classes, target,
+                                                      deeper=0 if imported else DEEPER)
+        epochs["inference"] = epochs["compute"] * sizing_base(cfg, data) / macs
+        sizing = {"ensemble_multiply_adds": target, "inference_multiply_adds": macs,
+                  "inference_net": dataclasses.asdict(nets["inference"])}
+    jobs = [Budget(name, max(1, math.ceil(epochs[name] - 1e-9)), titles[name], nets[name])
+            for name in trained_budgets(cfg)]
     todo = [job for job in jobs if trained_metrics(paths.baseline(job.name), job.title) is None]
     started = time.time()
     run_tasks(train_baseline, todo, (data, cfg, start, train_storage(cfg, "baselines")), cfg.launch,
@@ -76,7 +96,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
     rows = [{**read_trained(paths.baseline(job.name)), "budget_epochs": epochs[job.name]} for job in jobs]
     for row in rows:
         print(f"{row['system']}: {row['epochs']} epochs, test top-1 {row['test_top1']:.4f}", flush=True)
-    write_json(paths.baselines_report, {"budget_epochs": epochs, "baselines": rows,
+    write_json(paths.baselines_report, {"budget_epochs": epochs, "baselines": rows, **sizing,
                                         "wall_seconds": round(time.time() - started, 2)})
     return {f"{r['budget']}_top1": r["test_top1"] for r in rows} | {f"{k}_epochs": v for k, v in epochs.items()}
 
@@ -85,15 +105,22 @@ def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: 
                    cfg: Config, start: dict[str, torch.Tensor] | None, storage: str) -> dict:
     """A launcher task: the generalist's net trained for `job.epochs` with the generalist's recipe (on its
     Ray Train workers, checkpoints in `storage`), afresh or on from `start` (an imported generalist's
-    weights); returns its weights, history, test predictions and metrics."""
+    weights); returns its weights, history, test predictions and metrics. A budget is a number of epochs:
+    under the generalist's `epochs: auto` a baseline runs them all, its schedule spanning them."""
     data.check_readable()
     train = dataclasses.replace(cfg.generalist.train, epochs=job.epochs)
+    shape, classes = data.input_shape, data.num_classes
+    if start is not None and job.net != cfg.generalist.net:  # the imported generalist, with room to grow
+        start = widen(load_net(cfg.generalist.net, shape, classes, start, "the generalist's weights"),
+                      build_net(job.net, shape, classes)).state_dict()
+    own = dataclasses.replace(cfg, generalist=dataclasses.replace(cfg.generalist, net=job.net))
     with task_folder(job.name, checkpoint, store) as folder:
-        net, history = train_generalist(cfg, data, train, folder.folder, device, job.title,
+        net, history = train_generalist(own, data, train, folder.folder, device, job.title,
                                         on_epoch=folder.on_epoch, start=start, storage=storage)
     logits = predict_logits(net, data.x_test, device=device, batch_size=train.eval_batch_size,
                             channels_last=train.channels_last)
-    metrics = {"budget": job.name, "system": job.title, "epochs": job.epochs,
+    metrics = {"budget": job.name, "system": job.title, "epochs": job.epochs, "net": dataclasses.asdict(job.net),
+               "multiply_adds": multiply_adds(net, shape),
                **classification_metrics(logits, data.y_test, "test_"),
                "train_seconds": round(sum(r["seconds"] for r in history), 2), "device": str(device)}
     return {"weights": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "history": history,
@@ -114,8 +141,17 @@ def check(cfg: Config) -> None:
     names = cfg.baselines.budgets
     if len(set(names)) != len(names):
         raise ValueError(f"baselines.budgets must be distinct, got {names}")
+    if len(trained_budgets(cfg)) < len(names):
+        print(f"warning: baselines.budgets: inference widens the generalist's net, which is defined for the built-in "
+              f"nets ({', '.join(BUILT_IN)}), not for {cfg.generalist.net.name}: that rival is left out (set "
+              "baselines.budgets=[compute,wall_clock] to say so)", file=sys.stderr, flush=True)
     if names:
         check_workers(cfg.generalist.train, "generalist.train", cfg.launch)
+
+
+def trained_budgets(cfg: Config) -> list[str]:
+    """`baselines.budgets` without `inference` where the generalist's net is not built in (no width to widen)."""
+    return [b for b in cfg.baselines.budgets if b != "inference" or cfg.generalist.net.name in BUILT_IN]
 
 
 def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[str, float]:
@@ -124,6 +160,54 @@ def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[st
     largest one's for `wall_clock`."""
     return {"compute": (general + sum(specialists)) / per_epoch,
             "wall_clock": (general + max(specialists, default=0)) / per_epoch}
+
+
+def inference_target(run_dir: Path, cfg: Config, data: Data) -> float:
+    """The ensemble's multiply-adds per example on the validation set: the generalist's, then each
+    specialist's own blocks where it is active (the first `combine.top_n`; `ensemble_multiply_adds`)."""
+    specialists = load_specialists(run_dir, cfg)
+    generalist = load_net(cfg.generalist.net, data.input_shape, data.num_classes, RunDir(run_dir).generalist.weights,
+                          "the generalist's weights")
+    subsets = [torch.as_tensor(s) for s in specialists.subsets]
+    active = torch.zeros(len(subsets), dtype=torch.float64)
+    for (logits,) in logit_batches([generalist], data.x_val, device=resolve_device(cfg.device),
+                                   batch_size=cfg.generalist.train.eval_batch_size,
+                                   channels_last=cfg.generalist.train.channels_last):
+        active += active_table(logits, subsets, cfg.combine.top_n[0]).sum(dim=1).double()
+    costs = branch_costs(generalist, specialists.nets, shared_blocks(cfg.specialists, cfg.generalist.net),
+                         data.input_shape)
+    return ensemble_multiply_adds(costs, (active / len(data.x_val)).tolist())
+
+
+def equal_inference_net(net: NetConfig, input_shape: tuple[int, int, int], num_classes: int, target: float,
+                        deeper: int = DEEPER) -> tuple[NetConfig, int]:
+    """`net` made wider until its multiply-adds per example reach `target`, and those multiply-adds: the
+    narrowest width that does, where it stays within OVERSHOOT of the target (a widened net can start
+    from the generalist's weights); else the cheapest that reaches it at up to `deeper` more layers per
+    stage (a width step costs about 2/width: 25% at width 8 for a CNN). Built-in nets only (`check`)."""
+    def cost(width: int, depth: int) -> int:
+        return multiply_adds(build_net(dataclasses.replace(net, width=width, depth=depth), input_shape, num_classes),
+                             input_shape)
+
+    def narrowest(depth: int) -> tuple[int, NetConfig]:
+        low, high = net.width, net.width
+        while cost(high, depth) < target:  # double, then bisect for the narrowest width that reaches it
+            low, high = high, high * 2
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if cost(mid, depth) < target else (low, mid)
+        return cost(high, depth), dataclasses.replace(net, width=high, depth=depth)
+
+    macs, wide = narrowest(net.depth)
+    if macs <= OVERSHOOT * target:
+        return wide, macs
+    macs, best = min((narrowest(d) for d in range(net.depth, net.depth + deeper + 1)), key=lambda c: c[0])
+    return best, macs
+
+
+def sizing_base(cfg: Config, data: Data) -> int:
+    """The generalist's multiply-adds per example, the unit the budgets' epochs are counted in."""
+    return multiply_adds(build_net(cfg.generalist.net, data.input_shape, data.num_classes), data.input_shape)
 
 
 def epoch_examples(cfg: Config, data: Data) -> int:
@@ -141,7 +225,9 @@ def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[
       generalist's over the whole training set for the soft targets;
     - its trained net's and its start's over the validation set (the choice between them, the dustbin
       correction, its report).
-    Left out as small: the dustbin row's own fit and diagnostics on the sample's features, and with
+    A specialist that shares the generalist's first blocks (`branch_at`, `freeze_trunk`) runs them
+    forward only in its training steps: they count a third. Left out as small: the dustbin row's own fit
+    and diagnostics on the sample's features, the per-epoch validation of `epochs: auto`, and with
     `combine.method: auto` the combiner stage's pass of each specialist over the validation set."""
     general, examples = training_examples(run_dir)
     shape = data.input_shape
@@ -149,12 +235,16 @@ def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[
                           "the generalist's weights")
     base = multiply_adds(generalist, shape)
     widened = multiply_adds(build_net(specialist_net_config(cfg), shape, data.num_classes), shape)
+    k = shared_blocks(cfg.specialists, cfg.generalist.net)
+    front = multiply_adds(generalist, shape, forward=lambda x: generalist.front(x, k)) if k else 0
     specialists = load_specialists(run_dir, cfg)
     n = len(data.x_train)
-    return general, [
-        (e + FORWARD_SHARE * 2 * len(data.x_val)) * multiply_adds(net, shape) / base
-        + FORWARD_SHARE * make_head(cfg.specialists, subset).start_macs(n, base, widened) / base
-        for e, net, subset in zip(examples, specialists.nets, specialists.subsets, strict=True)]
+    costs = []
+    for e, net, subset in zip(examples, specialists.nets, specialists.subsets, strict=True):
+        macs = multiply_adds(net, shape)
+        costs.append((e * (macs - (1 - FORWARD_SHARE) * front) + FORWARD_SHARE * 2 * len(data.x_val) * macs
+                      + FORWARD_SHARE * make_head(cfg.specialists, subset).start_macs(n, base, widened)) / base)
+    return general, costs
 
 
 def training_examples(run_dir: Path) -> tuple[int, list[int]]:
@@ -181,7 +271,16 @@ def baseline_rows(run_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["epochs"], r["budget"] == "compute"))
 
 
+def baseline_title(row: dict) -> str:
+    """A baseline as the reports name it: what it is, its net where it is not the generalist's, its epochs."""
+    net = row.get("net")
+    shape = f"{net['name']} width {net['width']} depth {net['depth']}, " if row["budget"] == "inference" else ""
+    return f"{row['system']} ({shape}{row['epochs']} epochs)"
+
+
 def load_baseline(run_dir: Path, cfg: Config, data: Data, budget: str) -> torch.nn.Module:
-    """A trained baseline of a run, rebuilt from its config and weights."""
-    return load_net(cfg.generalist.net, data.input_shape, data.num_classes, RunDir(run_dir).baseline(budget).weights,
-                    f"the {budget} baseline's weights")
+    """A trained baseline of a run, rebuilt from its net (its metrics name it) and weights."""
+    folder = RunDir(run_dir).baseline(budget)
+    net = read_json(folder.metrics).get("net")
+    net = cfg.generalist.net if net is None else from_dict(NetConfig, net)
+    return load_net(net, data.input_shape, data.num_classes, folder.weights, f"the {budget} baseline's weights")

@@ -47,13 +47,14 @@ def timed(fn: Callable[[], T]) -> tuple[T, Timing]:
     return result, Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def finished_run(source: str) -> Path:
-    """bench/runs/full/SOURCE, a run whose evaluation bench/full_pipeline.py finished; else exit with the
-    command that makes it."""
-    path = Path(__file__).parent / "runs" / "full" / source
+def finished_run(source: str, runs: str = "full") -> Path:
+    """bench/runs/RUNS/SOURCE, a run whose evaluation finished (bench/full_pipeline.py's, by default);
+    else exit saying which command makes it."""
+    path = Path(__file__).parent / "runs" / runs / source
     if not RunDir(path).evaluation.is_file():
-        sys.exit(f"{path} has no finished evaluation: run `python bench/full_pipeline.py --configs "
-                 f"{source.split('/')[0]}`")
+        maker = (f"python bench/full_pipeline.py --configs {source.split('/')[0]}" if runs == "full"
+                 else f"the bench command that writes bench/runs/{runs}")
+        sys.exit(f"{path} has no finished evaluation: run `{maker}`")
     return path
 
 

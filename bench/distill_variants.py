@@ -1,8 +1,8 @@
 """What the student keeps under other distillation settings, on one finished run of bench/full_pipeline.py.
 
-    python bench/distill_variants.py [--source default/s0] [--variants reference T4 ...]
+    python bench/distill_variants.py [--source default/s0] [--runs full] [--variants reference T4 ...]
 
-Each variant copies bench/runs/full/SOURCE without its distill_back folder into
+Each variant copies bench/runs/RUNS/SOURCE without its distill_back folder into
 bench/runs/distill/SOURCE/VARIANT and runs only the distill_back stage with the variant's overrides, so
 every variant distils the same generalist and specialists. Per variant: test top-1 and NLL of the
 student, the share of the ensemble's gain it keeps, its training examples in passes over the training
@@ -43,17 +43,24 @@ VARIANTS = {  # name: overrides of the source run's config
     # for the default config (an MLP of 8 units): a student twice as wide, about the ensemble's inference cost
     "wide_student": ["distill_back.net={name: mlp, width: 16, depth: 1}", "distill_back.init=scratch",
                      "distill_back.train.epochs=30", "distill_back.train.lr=2e-3", "distill_back.train.warmup_epochs=0.5"],
+    # issue 26: the equal-inference-cost net as the student, started as the generalist widened and trained
+    # to convergence with the generalist's recipe, at three weights of the hard labels (alpha 0: none of the ensemble)
+    **{f"inference_alpha{a}": ["distill_back.net=inference", "distill_back.train.epochs=auto",
+                               "distill_back.train.schedule=plateau", "distill_back.train.lr=2e-3",
+                               "distill_back.train.warmup_epochs=0.5", f"distill_back.alpha={a}"]
+       for a in (0.9, 0.5, 0.0)},
 }
 CONTROLLED = {"reference", "wide_student"}  # the variants that also train the self-distilled control
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", default="default/s0", help="a run in bench/runs/full (bench/full_pipeline.py made it)")
+    p.add_argument("--source", default="default/s0", help="a finished run in bench/runs/RUNS")
+    p.add_argument("--runs", default="full", help="the folder of bench/runs the source is in (full: bench/full_pipeline.py's)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args()
     os.chdir(ROOT)  # the configs name their data relative to the repository root
-    source = finished_run(args.source)
+    source = finished_run(args.source, args.runs)
     rows = []
     for variant in args.variants:
         run_dir = ROOT / "bench" / "runs" / "distill" / args.source / variant

@@ -1,12 +1,14 @@
 """The whole pipeline on each shipped config and seed, as `ensemble run` runs it: every system of the
 evaluation, as mean ± standard deviation over the seeds.
 
-    python bench/full_pipeline.py [--configs default emnist omniglot] [--seeds 0 1 2] [--fresh] [key=value ...]
+    python bench/full_pipeline.py [--configs default emnist omniglot] [--seeds 0 1 2] [--fresh] [--runs full]
+                                  [--name full_pipeline] [key=value ...]
 
-Each (config, seed) runs in bench/runs/full/NAME/sSEED with `seed=SEED` (the data and its split stay
+Each (config, seed) runs in bench/runs/RUNS/NAME/sSEED with `seed=SEED` (the data and its split stay
 fixed: `data.seed`) and any extra overrides; a rerun resumes and skips the runs that are done (`--fresh`
 starts them afresh). Per run: test top-1 of the generalist, the ensemble (the configured
-`combine.method` at the first `combine.top_n`; and the KL and within-subset combiners there), the
+`combine.method` at the first `combine.top_n`; and the KL and within-subset combiners there; the
+generalist's epochs and the one it kept, which differ under `generalist.train.epochs=auto`), the
 equal-compute and equal-wall-clock generalists (the baselines stage), the student
 and the self-distilled control; the verdict of the evaluation stage; the share of the ensemble's gain
 the student keeps; wall minutes per stage. Results go to bench/results/full_pipeline.{json,md} (the
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--fresh", action="store_true", help="delete the runs' folders first")
     p.add_argument("--name", default="full_pipeline", help="the results' file name")
+    p.add_argument("--runs", default="full", help="the runs' folder under bench/runs (another for other overrides)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     os.chdir(ROOT)  # the configs name their data relative to the repository root
@@ -45,7 +48,7 @@ def main() -> None:
     for name in args.configs:
         for seed in args.seeds:
             cfg = bench_config(ROOT / "configs" / f"{name}.yaml", [
-                f"runs_dir={ROOT / 'bench' / 'runs'}", f"name=full/{name}/s{seed}", f"seed={seed}", *args.overrides])
+                f"runs_dir={ROOT / 'bench' / 'runs'}", f"name={args.runs}/{name}/s{seed}", f"seed={seed}", *args.overrides])
             if args.fresh:
                 shutil.rmtree(cfg.run_dir, ignore_errors=True)
             run_pipeline(cfg)
@@ -64,8 +67,10 @@ def run_row(name: str, seed: int, run_dir: Path) -> dict:
     evaluation = read_json(paths.evaluation)
     baselines = {r["budget"]: r for r in read_json(paths.baselines_report)["baselines"]}
     table3 = combiner_top1(evaluation)
+    generalist = read_json(paths.generalist.metrics)
     return {
         "config": name, "seed": seed,
+        "generalist_epochs": generalist["epochs"], "generalist_kept_epoch": generalist.get("kept_epoch"),
         "generalist": report["generalist_top1"], "ensemble": report["ensemble_top1"],
         "kl": table3["KL combiner"], "within_subset": table3["within-subset combiner"],
         **{budget: baselines[budget]["test_top1"] if budget in baselines else None

@@ -8,7 +8,8 @@ unset, so one GPU each), then checks that
 
 - the generalist, every specialist, the baselines, the combiner and the student ran on CUDA;
 - the generalist's float32 test probabilities on the GPU match the CPU's (max |difference| <= --tolerance),
-  and the ones the generalist stage saved match them too;
+  and the ones the generalist stage saved match them too; so do the ensemble's (the `Combiner`, whose
+  branch specialists share the generalist's first two stages: `specialists.branch_at=2`);
 - with 2 GPUs or more, the generalist trained again on 2 Ray Train workers (`generalist.train.workers=2`,
   NCCL) ran on CUDA (with one GPU this check says it was not run);
 
@@ -29,8 +30,9 @@ from pathlib import Path
 import torch
 from common import write_image_folder, write_results
 
+from combiner import Combiner
 from ensemble.config import Config, load_config
-from ensemble.data import load_data
+from ensemble.data import image_batches, load_data
 from ensemble.layout import STAGE_NAMES, RunDir
 from ensemble.nets import load_net
 from ensemble.pipeline import run_pipeline
@@ -89,7 +91,8 @@ def main() -> int:
             f"data.workers={workers}", "generalist.net.name=resnet", "generalist.net.width=16",
             f"generalist.train.epochs={e}", f"generalist.train.batch_size={b}", f"specialists.train.epochs={e}",
             f"specialists.train.batch_size={b}", f"distill_back.train.epochs={e}", f"distill_back.train.batch_size={b}",
-            "cluster.num_subsets=3", "cluster.shape=partition", f"device={args.device}", f"runs_dir={tmp / 'runs'}"]
+            "cluster.num_subsets=3", "cluster.shape=partition", "specialists.branch_at=2", f"device={args.device}",
+            f"runs_dir={tmp / 'runs'}"]
         cfg = load_config(None, [*overrides, "name=gpu_check"])
         run_pipeline(cfg)
         parallel = None  # the generalist on 2 Ray Train workers (NCCL on GPUs): needs 2 GPUs, or 2 CPUs
@@ -108,6 +111,9 @@ def main() -> int:
         probs = {d: predict_logits(net, data.x_test, device=torch.device(d)).softmax(dim=1) for d in (args.device, "cpu")}
         gap = (probs[args.device] - probs["cpu"]).abs().max().item()
         saved_gap = (read_split(run.generalist.prediction_folder, "test").probs - probs["cpu"]).abs().max().item()
+        images = next(image_batches(data.x_test, 256))
+        q = {d: Combiner.from_run(cfg.run_dir, device=d).predict_proba(images).cpu() for d in (args.device, "cpu")}
+        ensemble_gap = (q[args.device] - q["cpu"]).abs().max().item()
     rows, failed = [], []
     for stage in STAGE_NAMES:
         if stage == "cluster":
@@ -118,7 +124,8 @@ def main() -> int:
         rows.append({"check": f"{stage} on {args.device}", "ok": ok, "devices": ", ".join(on),
                      "seconds": manifest.get(stage)["seconds"], "train_images_per_s": rates.get(stage)})
     for what, value in (("generalist test probabilities, GPU vs CPU", gap),
-                        ("saved generalist test probabilities vs CPU", saved_gap)):
+                        ("saved generalist test probabilities vs CPU", saved_gap),
+                        ("ensemble (branch specialists) test probabilities, GPU vs CPU", ensemble_gap)):
         ok = value <= args.tolerance
         failed += [] if ok else [f"{what}: max |difference| {value:.3g} > {args.tolerance:g}"]
         rows.append({"check": what, "ok": ok, "devices": f"max |diff| {value:.2e}", "seconds": None,

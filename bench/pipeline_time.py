@@ -5,7 +5,7 @@
 Runs `ensemble run runs_dir=bench/runs name=time/default [key=value ...]` from scratch in a
 subprocess, with an empty data cache (so generating the data counts, as on a user's first run) and
 Ray's start-up included, and reports its wall time, each stage's from the manifest, and the test top-1
-of the generalist, the ensemble, the baselines and the student. Results:
+of the generalist, the ensemble, the three baselines and the student. Results:
 bench/results/pipeline_time.{json,md}.
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> None:
         "ensemble": summary["ensemble_top1"],
         "equal_wall_clock": baselines.get("wall_clock_top1"),
         "equal_compute": baselines.get("compute_top1"),
+        "equal_inference": baselines.get("inference_top1"),
         "verdict": manifest.get("combiner")["summary"]["verdict"],
         "student": summary["student_top1"],
     }])

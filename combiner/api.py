@@ -16,12 +16,13 @@ from torch import nn
 
 from ensemble.config import Config, run_config
 from ensemble.layout import RunDir
-from ensemble.nets import load_net
+from ensemble.metrics import active_table
+from ensemble.nets import Net, load_net
 from ensemble.rundir import read_json
 from ensemble.train import exact_float32, resolve_device
-from specialists import load_specialists
+from specialists import branch_costs, ensemble_multiply_adds, ensemble_parameters, load_specialists, own_net, shared_blocks
 
-from .solver import MAX_ITER, Cells, Method, Outputs, _active, _cells, _check_subsets, _combine
+from .solver import MAX_ITER, Cells, Method, Outputs, _cells, _check_subsets, _combine
 
 
 def _softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -39,23 +40,30 @@ def _softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class Combiner:
     """Runs the generalist on a batch, picks each example's active specialists (those whose subset
     holds one of its `top_n` most probable classes), runs each specialist only on the examples that
-    need it, and returns the combiner's q (see `combine`)."""
+    need it, and returns the combiner's q (see `combine`). Specialists that branch off the generalist
+    after its first `shared_blocks` blocks (`specialists.branch_at`) start from the generalist's output
+    of those blocks, computed once per example."""
 
     def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], subsets: Sequence[Sequence[int]],
                  *, top_n: int | None = 1, method: Method = "fixed_point", device: str | torch.device = "cpu",
-                 input_shape: tuple[int, int, int] | None = None):
+                 input_shape: tuple[int, int, int] | None = None, shared_blocks: int = 0):
         """`input_shape`: the (C, H, W) of the images the nets were trained on, which `predict_proba`
-        checks its inputs against (`from_run` knows it)."""
+        checks its inputs against (`from_run` knows it). `shared_blocks`: how many of the generalist's
+        blocks every specialist holds unchanged (a ValueError where one does not)."""
         if len(specialists) != len(subsets):
             raise ValueError(f"{len(specialists)} specialists but {len(subsets)} subsets")
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.device = resolve_device(str(device))
         self.generalist = generalist.to(self.device).eval()
         self.specialists = [net.to(self.device).eval() for net in specialists]
+        self.shared_blocks = shared_blocks
+        if shared_blocks:
+            _check_shared(self.generalist, self.specialists, shared_blocks)
         self.subsets = [torch.as_tensor(list(s), dtype=torch.int64, device=self.device) for s in subsets]
         self.top_n, self.method = top_n, method
         self._checked: int | None = None  # the number of classes the subsets were checked against
         self._cells: dict[torch.dtype, Cells] = {}  # the subsets' cells, for the KL combiner
+        self._costs: dict[tuple[int, ...], tuple[int, list[int]]] = {}  # `branch_costs` per input shape
 
     @classmethod
     def from_run(cls, run_dir: str | Path, **kwargs) -> Combiner:
@@ -68,7 +76,7 @@ class Combiner:
         kwargs = {"top_n": cfg.combine.top_n[0], **kwargs}
         ensemble = load_ensemble(run_dir, cfg)
         return cls(ensemble.generalist, ensemble.specialists, ensemble.subsets, input_shape=ensemble.input_shape,
-                   **kwargs)
+                   shared_blocks=ensemble.shared_blocks, **kwargs)
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,19 +112,36 @@ class Combiner:
             dtype = torch.float32 if self.method == "within_subset" else torch.float64
         x = self._images(x).to(self.device)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        k = self.shared_blocks
         with exact_float32(self.device):
-            logits = self.generalist(x)
+            h = self.generalist.front(x, k) if k else x  # the shared blocks, once per example
+            logits = self.generalist.back(h, k) if k else self.generalist(x)
             if self._checked != logits.shape[1]:  # the subsets against the generalist's classes, once
                 _check_subsets(self.subsets, logits)
                 self._checked = logits.shape[1]
             top_n = self.top_n if top_n == "own" else top_n
-            active = _active(logits, self.subsets, top_n).bool()  # the top classes: those of the probabilities
+            active = active_table(logits, self.subsets, top_n).bool()  # the top classes: those of the probabilities
             outputs = []
             for net, subset, needed in zip(self.specialists, self.subsets, active):
                 rows = needed.nonzero()[:, 0]
-                outputs.append((rows, _softmax(net(x[rows]), dtype) if len(rows) else
+                z = (net.back(h[rows], k) if k else net(x[rows])) if len(rows) else None
+                outputs.append((rows, _softmax(z, dtype) if z is not None else
                                 logits.new_zeros(0, len(subset) + 1, dtype=dtype)))
         return _softmax(logits, dtype), outputs
+
+    def parameter_count(self) -> int:
+        """The ensemble's parameters: the generalist's and each specialist's own (the shared blocks once)."""
+        return ensemble_parameters(self.generalist, self.specialists, self.shared_blocks)
+
+    def multiply_adds(self, active_share: Sequence[float], input_shape: tuple[int, int, int] | None = None) -> float:
+        """The ensemble's multiply-adds per example where specialist m is active for a share
+        `active_share[m]` of the examples (`ensemble_multiply_adds`; the nets counted once per shape)."""
+        shape = tuple(input_shape or self.input_shape or ())
+        if not shape:
+            raise ValueError("multiply_adds needs the images' input_shape (C, H, W)")
+        if shape not in self._costs:
+            self._costs[shape] = branch_costs(self.generalist, self.specialists, self.shared_blocks, shape)
+        return ensemble_multiply_adds(self._costs[shape], active_share)
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         """`x` if it is a batch of images the nets can take, else a ValueError saying what they take."""
@@ -150,14 +175,37 @@ def combine_method(run_dir: Path, cfg: Config) -> Method:
     return read_json(path)["method"]
 
 
+def _check_shared(generalist: nn.Module, specialists: Sequence[nn.Module], k: int) -> None:
+    """Every specialist's first `k` blocks (and input normalisation) hold the generalist's tensors: a
+    ValueError naming the first specialist and tensor that differ."""
+    if not isinstance(generalist, Net) or not 0 <= k <= generalist.num_blocks:
+        raise ValueError(f"shared_blocks={k}: the generalist has no such blocks (an ensemble.nets.Net with "
+                         f"{getattr(generalist, 'num_blocks', 0)} blocks shares at most that many)")
+    own = _front_state(generalist, k)
+    for m, specialist in enumerate(specialists):
+        theirs = _front_state(own_net(specialist), k)
+        for name, tensor in own.items():
+            if name not in theirs or not torch.equal(theirs[name], tensor):
+                raise ValueError(f"specialist {m} does not share the generalist's first {k} blocks: its {name} "
+                                 "differs")
+
+
+def _front_state(net: Net, k: int) -> dict[str, torch.Tensor]:
+    """The tensors `net.front(x, k)` computes with."""
+    return {"input_mean": net.input_mean, "input_std": net.input_std,
+            **{f"trunk.{name}": t for name, t in net.blocks(k)[0].state_dict().items()}}
+
+
 @dataclass(frozen=True)
 class Ensemble:
-    """A run's generalist and specialists (with their subsets), and the image shape they take."""
+    """A run's generalist and specialists (with their subsets), the image shape they take, and how many
+    of the generalist's blocks the specialists share."""
 
     generalist: nn.Module
     specialists: list[nn.Module]
     subsets: list[list[int]]
     input_shape: tuple[int, int, int]
+    shared_blocks: int
 
 
 def load_ensemble(run_dir: Path, cfg: Config) -> Ensemble:
@@ -165,4 +213,5 @@ def load_ensemble(run_dir: Path, cfg: Config) -> Ensemble:
     specialists = load_specialists(run_dir, cfg)
     generalist = load_net(cfg.generalist.net, specialists.input_shape, specialists.num_classes,
                           RunDir(run_dir).generalist.weights, "the generalist's weights")
-    return Ensemble(generalist, specialists.nets, specialists.subsets, specialists.input_shape)
+    return Ensemble(generalist, specialists.nets, specialists.subsets, specialists.input_shape,
+                    shared_blocks(cfg.specialists, cfg.generalist.net))

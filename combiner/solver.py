@@ -55,6 +55,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ensemble.metrics import active_table
+
 Method = Literal["fixed_point", "gradient", "within_subset"]
 METHODS = ("fixed_point", "gradient", "within_subset")
 SUM_TOLERANCE = 1e-3  # rows of probabilities must sum to 1 within this: catches logits and log-probs
@@ -123,7 +125,7 @@ def active_outputs(p_general: Tensor, specialist_probs: Sequence[Tensor], subset
         raise ValueError(f"len(specialist_probs) = {len(specialist_probs)} but len(subsets) = {len(ids)}: "
                          "one probability tensor per subset")
     outputs = []
-    for m, (p, s, a) in enumerate(zip(specialist_probs, ids, _active(p_general, ids, top_n).bool())):
+    for m, (p, s, a) in enumerate(zip(specialist_probs, ids, active_table(p_general, ids, top_n).bool())):
         p = _check_probs(torch.as_tensor(p).to(p_general), f"specialist_probs[{m}]", (len(p_general), len(s) + 1))
         outputs.append((a.nonzero()[:, 0], p[a]))
     return outputs
@@ -659,22 +661,6 @@ def _cells(ids: list[Tensor], like: Tensor) -> Cells:
     return Cells(cell, (~signatures).t().to(like.dtype).contiguous())
 
 
-def _active(p_general: Tensor, ids: list[Tensor], top_n: int | None) -> Tensor:
-    """(M, B) 1.0 where specialist m is active for example b: S_m meets p^g_b's top_n classes (p_general
-    may be the logits: the same top classes).
-    A (C, M) membership table looked up at the top classes: (B, top_n, M), never B×M×C."""
-    num_examples, num_classes = p_general.shape
-    if top_n is None:
-        return p_general.new_ones(len(ids), num_examples)
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
-        raise ValueError(f"top_n must be an integer >= 1 or None, got {top_n!r}")
-    member = torch.zeros(num_classes, len(ids), dtype=torch.bool, device=p_general.device)
-    for m, s in enumerate(ids):
-        member[s, m] = True
-    top = p_general.argmax(dim=1, keepdim=True) if top_n == 1 else p_general.topk(min(top_n, num_classes), dim=1).indices
-    return member[top].any(dim=1).t().to(p_general.dtype)
-
-
 def _check_probs(p: Tensor, name: str, shape: tuple[int, int] | None = None) -> Tensor:
     """`p` if it is a 2-D floating tensor of the expected shape whose rows are probability
     distributions, else a ValueError naming what is wrong. Two passes over p: its minimum (NaN
@@ -716,4 +702,4 @@ def active_specialists(p_general: Tensor, subsets: Sequence[Sequence[int] | Tens
     """(M, B) bool: specialist m is active for example b, its subset holding one of p^g_b's top_n classes
     (all are for top_n=None). The rule `combine` applies; `Combiner` uses it to run only those."""
     _check_probs(p_general, "p_general")
-    return _active(p_general, _check_subsets(subsets, p_general), top_n).bool()
+    return active_table(p_general, _check_subsets(subsets, p_general), top_n).bool()

@@ -9,21 +9,23 @@ share of the ensemble's gain the student and the control keep, what each system 
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from baselines import baseline_rows, load_baseline, training_compute
+from baselines import baseline_rows, baseline_title, load_baseline, trained_budgets, training_compute
 from combiner import Combiner, active_specialists, beats_generalist, combine_method, load_ensemble
-from ensemble.config import Config, config_hash
+from ensemble.config import Config, NetConfig, config_hash, from_dict
 from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, data_fingerprint, load_data
 from ensemble.layout import NetDir, RunDir
-from ensemble.nets import Net, check_net, load_net, start_net
+from ensemble.nets import Net, build_net, check_net, load_net, start_net
 from ensemble.parallel import check_workers, fit_parallel, train_storage
 from ensemble.rundir import file_hash, read_json, save_tensors, write_json, write_text
 from ensemble.train import logit_batches, predict_logits, resolve_device
+from specialists import widen
 
 from .loss import distillation_loss
 from .plots import plot_distill_back
@@ -42,7 +44,8 @@ def run(run_dir: Path, cfg: Config) -> dict:
     generalist = ensemble.generalist
     method = combine_method(run_dir, cfg)
     combiner = Combiner(generalist, ensemble.specialists, ensemble.subsets, top_n=cfg.combine.top_n[0],
-                        method=method, device=device, input_shape=ensemble.input_shape)
+                        method=method, device=device, input_shape=ensemble.input_shape,
+                        shared_blocks=ensemble.shared_blocks)
     batch = dcfg.train.eval_batch_size
 
     def generalist_proba(xb: torch.Tensor) -> torch.Tensor:
@@ -66,9 +69,9 @@ def run(run_dir: Path, cfg: Config) -> dict:
         own = sum(r["examples"] for r in history) * multiply_adds(student, data.input_shape) / base
         models[name] = (student, (teacher + own) / n)
         histories[name] = history
-    for row in baseline_rows(run_dir):
-        models[f"{row['system']} ({row['epochs']} epochs)"] = (
-            load_baseline(run_dir, cfg, data, row["budget"]), row["epochs"])
+    for row in baseline_rows(run_dir):  # its epochs at its own cost per example
+        models[baseline_title(row)] = (
+            load_baseline(run_dir, cfg, data, row["budget"]), row["epochs"] * row.get("multiply_adds", base) / base)
 
     rows = [_evaluate(name, model, train_epochs, data, cfg, device) for name, (model, train_epochs) in models.items()]
     beats = beats_generalist(read_json(paths.evaluation))
@@ -109,7 +112,11 @@ def train_student(cfg: Config, data: Data, generalist: Net, predict_proba: Calla
 def check(cfg: Config) -> None:
     """The stage's settings, checked before the pipeline starts any stage."""
     dcfg = cfg.distill_back
-    if dcfg.init == "generalist" and (dcfg.net or cfg.generalist.net) != cfg.generalist.net:
+    if dcfg.net == "inference" and "inference" not in trained_budgets(cfg):
+        raise ValueError("distill_back.net=inference is the baselines stage's equal-inference-cost net, which "
+                         f"baselines.budgets {cfg.baselines.budgets} does not train (for {cfg.generalist.net.name}): "
+                         "add inference to it, or name the student's net")
+    if dcfg.init == "generalist" and dcfg.net not in (None, "inference") and dcfg.net != cfg.generalist.net:
         raise ValueError("distill_back.init=generalist needs the generalist's architecture "
                          f"(distill_back.net {dcfg.net} is not generalist.net {cfg.generalist.net}): "
                          "set distill_back.init=scratch")
@@ -117,19 +124,35 @@ def check(cfg: Config) -> None:
         raise ValueError("distill_back.augmented_copies makes affine copies of in-memory images; a streamed image "
                          "folder is augmented as the student trains (data.train_transform): set "
                          "distill_back.augmented_copies=0")
-    if dcfg.net is not None:
+    if isinstance(dcfg.net, NetConfig):
         check_net(dcfg.net, "distill_back.net", cfg.data)
     check_workers(dcfg.train, "distill_back.train", cfg.launch)
 
 
 def make_student(cfg: Config, data: Data, generalist: Net) -> Net:
-    """`distill_back.net` (default: the generalist's), from the generalist's weights or afresh (`check`
+    """`distill_back.net` (default: the generalist's; `inference`: the equal-inference-cost net the
+    baselines stage trained), from the generalist's weights (widened for a wider net) or afresh (`check`
     has passed)."""
-    net_cfg = cfg.distill_back.net or cfg.generalist.net
+    net_cfg = student_net(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.distill_back.init == "generalist":
+    if cfg.distill_back.init == "scratch":
+        return start_net(net_cfg, data.input_shape, data.num_classes, data.x_train, "distill_back.net")
+    if net_cfg == cfg.generalist.net:
         return load_net(net_cfg, data.input_shape, data.num_classes, generalist.state_dict(), "the generalist's weights")
-    return start_net(net_cfg, data.input_shape, data.num_classes, data.x_train, "distill_back.net")
+    if net_cfg.depth != cfg.generalist.net.depth:  # known only now, from the baselines stage: not an error
+        print(f"warning: distill_back.init=generalist: the equal-inference-cost net is deeper than the generalist "
+              f"(depth {net_cfg.depth}), so its weights cannot start it: the student starts from scratch",
+              file=sys.stderr, flush=True)
+        return start_net(net_cfg, data.input_shape, data.num_classes, data.x_train, "distill_back.net")
+    return widen(generalist, build_net(net_cfg, data.input_shape, data.num_classes))
+
+
+def student_net(cfg: Config) -> NetConfig:
+    """The student's net: `distill_back.net`, the generalist's, or the baselines stage's inference net."""
+    net = cfg.distill_back.net
+    if net == "inference":
+        return from_dict(NetConfig, read_json(RunDir(cfg.run_dir).baselines_report)["inference_net"])
+    return net or cfg.generalist.net
 
 
 def report_markdown(rows: list[dict], summary: dict) -> str:
@@ -164,7 +187,8 @@ def _seconds(history: list[dict]) -> float:
 def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data, cfg: Config,
               device: torch.device) -> dict:
     """Test top-1 and NLL, and the inference cost: parameters, multiply-adds per test example on
-    average (the ensemble's: the generalist plus the specialists active for it), examples per second."""
+    average (the ensemble's: the generalist, then the specialists active for it past their shared
+    blocks), examples per second."""
     batch = cfg.distill_back.train.eval_batch_size
     if isinstance(model, Combiner):
         predict = model.predict_proba
@@ -172,20 +196,18 @@ def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data,
         for (logits,) in logit_batches([model.generalist], data.x_test, device=device, batch_size=batch,
                                        channels_last=cfg.generalist.train.channels_last):
             active += active_specialists(logits.softmax(dim=1), model.subsets, model.top_n).sum(dim=1).cpu()
-        share = active / len(data.x_test)
-        nets = [model.generalist, *model.specialists]
-        weights = [1.0, *share.tolist()]
+        macs, count = model.multiply_adds((active / len(data.x_test)).tolist()), model.parameter_count()
     else:
         def predict(x: torch.Tensor) -> torch.Tensor:
             return predict_logits(model, x, device=device, batch_size=batch).softmax(dim=1)
-        nets, weights = [model], [1.0]
+        macs, count = multiply_adds(model, data.input_shape), parameters(model)
     metrics, rate = timed_predictions(predict, data.x_test, data.y_test, batch)
     return {
         "system": name,
         **metrics,
         "train_epochs": train_epochs,
-        "parameters": sum(parameters(net) for net in nets),
-        "multiply_adds": sum(w * multiply_adds(net, data.input_shape) for net, w in zip(nets, weights)),
+        "parameters": count,
+        "multiply_adds": macs,
         "examples_per_s": rate,
     }
 

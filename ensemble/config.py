@@ -101,13 +101,21 @@ class NetConfig:
 class TrainConfig:
     """The training loop's settings, shared by every stage that trains a network."""
 
-    epochs: int = field(default=12, metadata=at_least(1))
+    epochs: int | Literal["auto"] = field(default=12, metadata={"valid": (
+        lambda v: v == "auto" or v >= 1, ">= 1 or 'auto'")})  # auto: until the validation top-1 stops improving
+    #   (`patience` epochs without a new best, at most `max_epochs`); the best epoch's weights are kept
+    patience: int = field(default=3, metadata={"neutral": 3, **at_least(1)})  # epochs without a new best validation
+    #   top-1 before `epochs: auto` stops, or `schedule: plateau` divides the learning rate by 10
+    max_epochs: int = field(default=100, metadata={"neutral": 100, **at_least(1)})  # epochs: auto's cap, and the
+    #   horizon of the cosine schedule under it
     batch_size: int = field(default=128, metadata=at_least(1))
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = field(default=2e-3, metadata=above(0))
     momentum: float = field(default=0.9, metadata=between(0, 1, high_open=True))  # sgd only
     weight_decay: float = field(default=5e-4, metadata=at_least(0))
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "constant", "plateau"] = "cosine"  # after the warm-up: cosine decay to zero over
+    #   the epochs, constant, or constant divided by 10 each time the validation top-1 stalls for `patience`
+    #   epochs, twice at most (with epochs: auto it then stops at the third stall: a converged net)
     warmup_epochs: float = field(default=0.5, metadata=at_least(0))
     label_smoothing: float = field(default=0.0, metadata=between(0, 1, high_open=True))
     augment: Literal["none", "shift", "affine"] = "shift"
@@ -165,7 +173,11 @@ class SpecialistsConfig:
     in_subset_fraction: float = field(default=0.5, metadata=between(0, 1, low_open=True, high_open=True))  # rho: the share of every batch drawn from the subset's own classes
     dustbin_correction: Literal["prior", "none", "validation"] = "prior"  # the shift of the dustbin logit:
     #   the prior ratio's, none, or per specialist whichever of the two has the lower validation NLL
-    freeze_trunk: bool = False  # train the head alone on the generalist's features
+    freeze_trunk: bool = False  # train the head alone on the generalist's features (branch_at: all the blocks)
+    branch_at: int = field(default=0, metadata={"neutral": 0, **at_least(0)})  # share the generalist's first K blocks
+    #   (frozen, its weights; at inference run once for all specialists) and own copies of the blocks after them
+    #   and the head; 0: whole-network specialists. Blocks: an MLP's hidden layers, the CNN's 4 stages, the
+    #   ResNet's 3; any other net's trunk is one block
     head_hidden: int = field(default=0, metadata={"neutral": 0, **at_least(0)})  # a hidden ReLU layer of this many units in each specialist's head, added to the
     #   linear head and starting with no effect; with freeze_trunk: capacity of its own on a shared trunk
     width: int | None = field(default=None, metadata=at_least(1))  # the specialists' net width (null: the generalist's); wider ones start as the
@@ -181,9 +193,11 @@ class BaselinesConfig:
     """Stage 4: the bar the ensemble must clear, the generalist's net trained from scratch for as long as
     the ensemble."""
 
-    budgets: list[Literal["compute", "wall_clock"]] = field(default_factory=lambda: ["compute", "wall_clock"])
+    budgets: list[Literal["compute", "wall_clock", "inference"]] = field(
+        default_factory=lambda: ["compute", "wall_clock", "inference"])
     #   compute: the generalist's and all specialists' training compute; wall_clock: the generalist's and the
-    #   longest specialist's (every specialist on a worker of its own); []: no baselines
+    #   longest specialist's (every specialist on a worker of its own); inference: the generalist's net widened
+    #   to the ensemble's multiply-adds per example, trained for the compute budget; []: no baselines
 
 
 def specialist_net_config(cfg: "Config") -> NetConfig:
@@ -209,8 +223,10 @@ class DistillBackConfig:
     """Stage 6: one student learns the ensemble's combined distribution q* (the combiner at the first
     `combine.top_n`) on the transfer set."""
 
-    net: NetConfig | None = None  # the student; null: the generalist's architecture
-    init: Literal["generalist", "scratch"] = "generalist"  # start from the generalist's weights (same net only)
+    net: NetConfig | Literal["inference"] | None = None  # the student; null: the generalist's architecture;
+    #   inference: the baselines stage's equal-inference-cost net (the ensemble's cost at inference)
+    init: Literal["generalist", "scratch"] = "generalist"  # start from the generalist's weights (same net, or
+    #   the inference net: the generalist widened, its new units with no effect until trained)
     temperature: float = field(default=2.0, metadata=above(0))
     alpha: float = field(default=0.9, metadata=between(0, 1))  # the soft term's weight; 1 - alpha goes to the hard labels
     top_k: int | None = field(default=TOP_K, metadata=at_least(1))  # soft targets keep each example's top_k classes
@@ -353,7 +369,16 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check(inner[0], value, key)
+        if len(inner) == 1:
+            return _check(inner[0], value, key)
+        for option in inner:
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):  # a section: its own errors
+                return _check(option, value, key)
+            try:
+                return _check(option, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' must be {' or '.join(map(_describe, inner))}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
@@ -376,6 +401,15 @@ def _check(tp: Any, value: Any, key: str) -> Any:
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     return value
+
+
+def _describe(tp: Any) -> str:
+    """A type as a config error names it: int, or 'auto' for Literal["auto"]."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of its keys"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _merge(base: dict, update: dict, prefix: str) -> None:

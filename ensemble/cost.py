@@ -16,11 +16,13 @@ def parameters(net: nn.Module) -> int:
 
 
 @torch.no_grad()
-def multiply_adds(net: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-adds of one forward pass on one example (torch's FLOP counter counts two per MAC)."""
+def multiply_adds(net: nn.Module, input_shape: tuple[int, ...],
+                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+    """Multiply-adds of one forward pass of `net` (or of `forward`, a part of it) on one example (torch's
+    FLOP counter counts two per MAC)."""
     net.eval()
     with FlopCounterMode(display=False) as counter:
-        net(torch.zeros(1, *input_shape, device=next(net.parameters()).device))
+        (forward or net)(torch.zeros(1, *input_shape, device=next(net.parameters()).device))
     return counter.get_total_flops() // 2
 
 

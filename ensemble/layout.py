@@ -7,7 +7,7 @@
       specialists/   subsets.json  report.json  specialists.png
                      m000/ ...      model.safetensors  metrics.json  metrics.jsonl  checkpoint.pt
       baselines/     report.json
-                     compute/ wall_clock/   model.safetensors  predictions.safetensors  metrics.jsonl  checkpoint.pt
+                     compute/ wall_clock/ inference/   model.safetensors  predictions.safetensors  metrics.jsonl  checkpoint.pt
       combiner/      eval.json  tables.md  table4.png
       distill_back/  soft_targets/{log_q,ids,log_tail}.npy progress.json  model.safetensors  metrics.jsonl  checkpoint.pt
                      control/ (the same)  report.json  report.md  distill_back.png

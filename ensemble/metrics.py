@@ -64,3 +64,20 @@ def conditional_hits(scores: torch.Tensor, labels: torch.Tensor, subsets: Sequen
     candidates = table[m]
     restricted = scores[example[:, None], candidates].masked_fill(~valid[m], -torch.inf)
     return m, candidates.gather(1, restricted.argmax(dim=1, keepdim=True))[:, 0] == labels[example]
+
+
+def active_table(p_general: torch.Tensor, ids: Sequence[torch.Tensor], top_n: int | None) -> torch.Tensor:
+    """(M, B) 1.0 where specialist m is active for example b: S_m meets p^g_b's top_n classes (p_general
+    may be the logits: the same top classes). The rule of the Combiner, and of the baselines stage that
+    sizes a rival at the ensemble's inference cost.
+    A (C, M) membership table looked up at the top classes: (B, top_n, M), never B×M×C."""
+    num_examples, num_classes = p_general.shape
+    if top_n is None:
+        return p_general.new_ones(len(ids), num_examples)
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1:
+        raise ValueError(f"top_n must be an integer >= 1 or None, got {top_n!r}")
+    member = torch.zeros(num_classes, len(ids), dtype=torch.bool, device=p_general.device)
+    for m, s in enumerate(ids):
+        member[s, m] = True
+    top = p_general.argmax(dim=1, keepdim=True) if top_n == 1 else p_general.topk(min(top_n, num_classes), dim=1).indices
+    return member[top].any(dim=1).t().to(p_general.dtype)

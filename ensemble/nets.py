@@ -8,6 +8,10 @@ classification model of torchvision.models, built with `num_classes` and `net.kw
 output is the model's output (found by running it once), or the one `net.head` names; the trunk is the
 model with that layer replaced by nn.Identity.
 
+A net's trunk is a sequence of blocks, the unit `specialists.branch_at` shares: an MLP's hidden layers, the
+CNN's four stages, the ResNet's three (the stem with the first); any other model's whole trunk is one block.
+`front(x, k)` runs the first k blocks, `back(h, k)` the rest and the head: back(front(x, k), k) = net(x).
+
 Inputs are float images in [0, 1], shaped (N, C, H, W); each net normalises them with per-channel
 statistics of its training data, kept as buffers so that saved weights are self-contained. Gray images
 (one channel) into a model whose first convolution takes more are repeated over its channels after
@@ -35,10 +39,11 @@ BUILT_IN = ("mlp", "cnn", "resnet")
 class Net(nn.Module):
     """A trunk and a linear head; `forward` gives logits. `model_channels` (default: the images'): the
     channels the trunk's first layer takes, when the images are gray and it takes more. `head_path`: for
-    a model that is not built in, where the model kept its head (its own weight files name it so)."""
+    a model that is not built in, where the model kept its head (its own weight files name it so).
+    `block_ends`: where each block of an nn.Sequential trunk ends (default: the whole trunk is one)."""
 
     def __init__(self, trunk: nn.Module, head: nn.Linear, in_channels: int, model_channels: int | None = None,
-                 head_path: str | None = None):
+                 head_path: str | None = None, block_ends: tuple[int, ...] | None = None):
         super().__init__()
         self.register_buffer("input_mean", torch.full((1, in_channels, 1, 1), 0.5))
         self.register_buffer("input_std", torch.full((1, in_channels, 1, 1), 0.5))
@@ -46,12 +51,37 @@ class Net(nn.Module):
         self.head = head
         self.model_channels = model_channels or in_channels
         self.head_path = head_path
+        self.block_ends = block_ends
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_blocks(self) -> int:
+        return 1 if self.block_ends is None else len(self.block_ends)
+
+    def blocks(self, k: int) -> tuple[nn.Module, nn.Module]:
+        """The trunk's first `k` blocks and the rest, as two modules (sharing this net's layers)."""
+        if not 0 <= k <= self.num_blocks:
+            raise ValueError(f"this net has {self.num_blocks} blocks; {k} asked for")
+        if self.block_ends is None:
+            return (nn.Identity(), self.trunk) if k == 0 else (self.trunk, nn.Identity())
+        end = self.block_ends[k - 1] if k else 0
+        return self.trunk[:end], self.trunk[end:]
+
+    def front(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The first `k` blocks on images `x` (the input normalisation is part of the first)."""
+        return self.blocks(k)[0](self._normalised(x))
+
+    def back(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """The logits from `front(x, k)`: the blocks after the first `k`, then the head."""
+        return self.head(self.blocks(k)[1](h))
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std
         if x.shape[1] != self.model_channels:  # gray into an RGB model: the same image in every channel
             x = x.expand(-1, self.model_channels, -1, -1)
-        return self.trunk(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self._normalised(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -71,8 +101,8 @@ def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: in
         if cfg.kwargs or cfg.head:
             raise ValueError(f"{key}: the built-in net {cfg.name} takes width, depth and dropout; kwargs and head "
                              "are for torchvision builders and factories")
-        trunk, dim = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}[cfg.name](cfg, input_shape)
-        return Net(trunk, nn.Linear(dim, num_classes), in_channels=input_shape[0])
+        trunk, dim, ends = {"mlp": _mlp, "cnn": _cnn, "resnet": _resnet}[cfg.name](cfg, input_shape)
+        return Net(trunk, nn.Linear(dim, num_classes), in_channels=input_shape[0], block_ends=ends)
     model = _model(cfg, input_shape, num_classes, key)
     channels = _first_conv_channels(model) or input_shape[0]
     if channels != input_shape[0] and input_shape[0] != 1:
@@ -183,34 +213,45 @@ def is_conv(net: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in net.modules())
 
 
-def _mlp(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
-    """The paper's MNIST nets: `depth` hidden layers of `width` ReLU units (2x800, 2x1200 + dropout)."""
+def block_count(cfg: NetConfig) -> int:
+    """How many blocks the net `cfg` has (see `Net.blocks`): an MLP's hidden layers, the CNN's 4 stages,
+    the ResNet's 3; any other model is one."""
+    return {"mlp": cfg.depth, "cnn": 4, "resnet": 3}.get(cfg.name, 1)
+
+
+def _mlp(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int, tuple[int, ...]]:
+    """The paper's MNIST nets: `depth` hidden layers of `width` ReLU units (2x800, 2x1200 + dropout), one
+    block each."""
     layers: list[nn.Module] = [nn.Flatten()]
     dim = shape[0] * shape[1] * shape[2]
+    ends = []
     for _ in range(cfg.depth):
         layers += [nn.Linear(dim, cfg.width), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout)]
         dim = cfg.width
-    return nn.Sequential(*layers), dim
+        ends.append(len(layers))
+    return nn.Sequential(*layers), dim, tuple(ends)
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
-def _cnn(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
+def _cnn(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int, tuple[int, ...]]:
     """A small CNN for 28x28: four stages of `depth` 3x3 conv-BN-ReLU (width w, 2w, 4w, 8w) with 2x2
     max-pooling between them (28 -> 14 -> 7 -> 3, so the last stage sees the whole image), global
-    average pooling, dropout."""
+    average pooling, dropout. A block is a stage (the pooling before it included, the last one's after)."""
     layers: list[nn.Module] = []
     c_in = shape[0]
+    ends = []
     for stage, c_out in enumerate((cfg.width, 2 * cfg.width, 4 * cfg.width, 8 * cfg.width)):
         if stage:
+            ends.append(len(layers))
             layers.append(nn.MaxPool2d(2))
         for _ in range(cfg.depth):
             layers += _conv_bn(c_in, c_out)
             c_in = c_out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout)]
-    return nn.Sequential(*layers), c_in
+    return nn.Sequential(*layers), c_in, (*ends, len(layers))
 
 
 class _Block(nn.Module):
@@ -231,17 +272,21 @@ class _Block(nn.Module):
         return torch.relu(self.body(x) + self.skip(x))
 
 
-def _resnet(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int]:
+def _resnet(cfg: NetConfig, shape: tuple[int, int, int]) -> tuple[nn.Module, int, tuple[int, ...]]:
     """A CIFAR-style ResNet for 32x32 and up: a 3x3 stem, three stages of `depth` basic blocks
-    (width w, 2w, 4w; ResNet-20 is width 16, depth 3), global average pooling, dropout."""
+    (width w, 2w, 4w; ResNet-20 is width 16, depth 3), global average pooling, dropout. A block (of
+    `Net.blocks`) is a stage, the stem with the first and the pooling with the last."""
     layers: list[nn.Module] = _conv_bn(shape[0], cfg.width)
     c_in = cfg.width
+    ends = []
     for stage, c_out in enumerate((cfg.width, 2 * cfg.width, 4 * cfg.width)):
+        if stage:
+            ends.append(len(layers))
         for block in range(cfg.depth):
             layers.append(_Block(c_in, c_out, stride=2 if stage and not block else 1))
             c_in = c_out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout)]
-    return nn.Sequential(*layers), c_in
+    return nn.Sequential(*layers), c_in, (*ends, len(layers))
 
 
 def load_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int,

@@ -48,7 +48,7 @@ def fit_parallel(model: nn.Module, x: Images, targets: Targets, cfg: TrainConfig
                    val=val, desc=desc, on_epoch=on_epoch, clean_images=clean_images)
     key = training_key(cfg, seed, len(x), targets)
     path = Path(workdir) / CHECKPOINT
-    history = finished_history(model, path, key, cfg.epochs)  # a finished training starts no workers
+    history = finished_history(model, path, key, cfg)  # a finished training starts no workers
     if history is None:
         start = path.read_bytes() if path.is_file() else None  # fit resumes it if it is this training's
         with ray_session(launch):
@@ -58,9 +58,9 @@ def fit_parallel(model: nn.Module, x: Images, targets: Targets, cfg: TrainConfig
                 start, launch=launch, storage=storage, name=_run_name(desc, key), device=device, section=section)
         with atomic_path(path) as tmp:
             tmp.write_bytes(last)
-        history = finished_history(model, path, key, cfg.epochs)
+        history = finished_history(model, path, key, cfg)
         if history is None:
-            raise RuntimeError(f"{desc}: the training workers ended without a checkpoint of all {cfg.epochs} epochs")
+            raise RuntimeError(f"{desc}: the training workers ended without a checkpoint of a finished training")
     write_history(Path(workdir) / HISTORY, history)
     if on_epoch is not None:
         on_epoch(history)

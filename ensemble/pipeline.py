@@ -62,7 +62,7 @@ STAGES: tuple[Stage, ...] = (
           after=("generalist", "specialists", "baselines"), metric="ensemble_top1"),
     Stage("distill_back", distill_back.run, lambda c: (c.seed, c.generalist, c.combine, c.distill_back,
                                                        data_fingerprint(c.data),
-                                                       *_weight_files(c.distill_back.net and c.distill_back.net.weights)),
+                                                       *_weight_files(getattr(c.distill_back.net, "weights", None))),
           after=("generalist", "specialists", "baselines", "combiner"), metric="student_top1",
           check=distill_back.check),
 )

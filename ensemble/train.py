@@ -6,6 +6,11 @@ grad scaler, every RNG state, the epoch and the metric history, so a run killed 
 started again ends with the same weights as one never interrupted. Progress: a tqdm bar with live
 loss and accuracy, one printed line per epoch, and `<workdir>/metrics.jsonl`.
 
+`epochs: auto` trains until the validation top-1 stops improving (`plateau`: `patience` epochs without a
+new best, at most `max_epochs`) and keeps the best epoch's weights; `schedule: plateau` divides the
+learning rate by 10 at a stall instead, LR_DROPS times, before that. Both are decided from the metric
+history alone, so a resumed training decides as an uninterrupted one.
+
 The same loop trains data-parallel when it runs in each process of a torch.distributed group (Ray
 Train's workers, `ensemble.parallel`): every process takes its disjoint share of each global batch of
 `batch_size x workers` examples, DistributedDataParallel averages the gradients, and rank 0 evaluates,
@@ -18,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +42,7 @@ from .rundir import load_checkpoint, save_checkpoint, write_history
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[torch.Generator], torch.Tensor]  # one epoch's example indices, in order
 Targets = torch.Tensor | tuple[torch.Tensor, ...]
+LR_DROPS = 2  # schedule: plateau divides the learning rate by 10 at most this many times
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,6 +81,9 @@ def fit(
     parts = targets if isinstance(targets, tuple) else (targets,)
     if any(len(t) != len(x) for t in parts):
         raise ValueError(f"{len(x)} images but {[len(t) for t in parts]} targets")
+    if validated(cfg) and val is None:
+        raise ValueError(f"{desc}: epochs: auto and schedule: plateau follow the validation top-1, and this "
+                         "training has no validation images")
     rank, world = _process_group(cfg)
     batch, global_batch = cfg.batch_size, cfg.batch_size * world
     workdir = Path(workdir)
@@ -89,15 +99,20 @@ def fit(
 
     steps_per_epoch = max(1, len(sampler(torch.Generator().manual_seed(0))) // global_batch)
     optimizer = _optimizer(model, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    drops = [0]  # the learning rate's divisions by 10 so far (schedule: plateau), which the schedule reads
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch, lambda: drops[0]))
     autocast, scaler = _amp(device, cfg.amp)
     gen = torch.Generator().manual_seed(seed)  # the same in every process: one order, one augmentation
     torch.manual_seed(seed + rank)  # the model's own randomness (dropout): rank 0 as one process would
 
     key = training_key(cfg, seed, len(x), targets)
-    start, history = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen, rank)
+    start, history, best = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen, rank)
+    drops[0] = plateau(history, cfg).drops
     net = _data_parallel(model, device) if world > 1 else model
-    for epoch in range(start, cfg.epochs):
+    cap, of = epoch_cap(cfg), f"{epoch_cap(cfg)}{' at most' if cfg.epochs == 'auto' else ''}"
+    for epoch in range(start, cap):
+        if plateau(history, cfg).stop:
+            break
         t0 = time.perf_counter()
         net.train()
         order = sampler(gen)
@@ -105,7 +120,7 @@ def fit(
         loss_sum = torch.zeros((), device=device)  # Σ loss · batch size, kept on the device: no sync a step
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
-        bar = tqdm(total=len(mine) // batch, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+        bar = tqdm(total=len(mine) // batch, desc=f"{desc} {epoch + 1}/{of}", leave=False,
                    disable=None if rank == 0 else True, file=sys.stderr, dynamic_ncols=True)
         pin = device.type == "cuda"
         images = image_batches(x, batch, order=order, train=not clean_images, gen=gen, pin=pin, shard=(rank, world))
@@ -135,23 +150,95 @@ def fit(
         if val is not None and rank == 0:
             row.update(evaluate(model, *val, device=device, batch_size=cfg.eval_batch_size,
                                 channels_last=cfg.channels_last, prefix="val_"))
+        if validated(cfg) and world > 1:  # every process decides the schedule and the stop from the same history
+            row = _gathered(row, world)[0]
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
+        state = plateau(history, cfg)
+        if cfg.epochs == "auto" and state.best_epoch == epoch + 1:
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if state.drops != drops[0]:
+            drops[0] = state.drops
+            for group, base, lr_factor in zip(optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+                group["lr"] = base * lr_factor(schedule.last_epoch)  # the next step at the new rate
         rng = _rng_state(device) if world == 1 else _gathered(_rng_state(device), world)
         if rank == 0:
             save_checkpoint(workdir / CHECKPOINT, {
                 "key": key, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng, "gen": gen.get_state(),
+                **({"best": best} if best is not None else {}),
             })
             write_history(workdir / HISTORY, history)
         if on_epoch is not None:
             on_epoch(history)
         if rank == 0:
-            print(f"{desc} epoch {epoch + 1}/{cfg.epochs}: " + "  ".join(
+            print(f"{desc} epoch {epoch + 1}/{of}: " + "  ".join(
                 f"{k} {v}" if isinstance(v, int | str) else f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
                 flush=True)
+    if cfg.epochs == "auto":
+        model.load_state_dict(best)
+        if rank == 0:
+            print(f"{desc}: stopped after {len(history)} epochs; the best, epoch {plateau(history, cfg).best_epoch}, "
+                  "is kept", flush=True)
     return history
+
+
+def epoch_cap(cfg: TrainConfig) -> int:
+    """The most epochs a training runs: `epochs`, or under `epochs: auto` its cap `max_epochs`."""
+    return cfg.max_epochs if cfg.epochs == "auto" else cfg.epochs
+
+
+def validated(cfg: TrainConfig) -> bool:
+    """Whether the training follows its validation top-1 (epochs: auto, schedule: plateau)."""
+    return cfg.epochs == "auto" or cfg.schedule == "plateau"
+
+
+@dataclass(frozen=True)
+class Plateau:
+    """Where a validation-driven training stands: its best epoch (1-based; 0 before any), the learning
+    rate's divisions by 10 so far, and whether it is done (`epochs: auto`)."""
+
+    best_epoch: int
+    drops: int
+    stop: bool
+
+
+def plateau(history: list[dict], cfg: TrainConfig) -> Plateau:
+    """Replay `history`'s validation top-1: a stall is `patience` epochs without a strictly better one;
+    under `schedule: plateau` each of the first LR_DROPS stalls divides the learning rate by 10 and starts
+    the count again; under `epochs: auto` the next stall stops the training."""
+    if not validated(cfg):
+        return Plateau(0, 0, False)
+    best, best_epoch, since, drops = -math.inf, 0, 0, 0
+    for row in history:
+        if row["val_top1"] > best:
+            best, best_epoch, since = row["val_top1"], row["epoch"], 0
+        else:
+            since += 1
+        if since >= cfg.patience:
+            if cfg.schedule == "plateau" and drops < LR_DROPS:
+                drops, since = drops + 1, 0
+            elif cfg.epochs == "auto":
+                return Plateau(best_epoch, drops, True)
+    return Plateau(best_epoch, drops, False)
+
+
+def kept_epoch(history: list[dict], cfg: TrainConfig) -> int:
+    """The epoch whose weights a finished training keeps: the best under `epochs: auto`, else the last."""
+    return plateau(history, cfg).best_epoch if cfg.epochs == "auto" else len(history)
+
+
+def epochs_text(cfg: TrainConfig) -> str:
+    """How long a training runs, in words for its first line."""
+    if cfg.epochs == "auto":
+        return f"epochs until the validation top-1 stalls for {cfg.patience} (at most {cfg.max_epochs})"
+    return f"{cfg.epochs} epochs"
+
+
+def finished(history: list[dict], cfg: TrainConfig) -> bool:
+    """Whether a training with this `history` has ended: it ran its epochs, or `epochs: auto` stopped it."""
+    return len(history) >= epoch_cap(cfg) or plateau(history, cfg).stop
 
 
 def training_key(cfg: TrainConfig, seed: int, n: int, targets: Targets) -> str:
@@ -161,13 +248,13 @@ def training_key(cfg: TrainConfig, seed: int, n: int, targets: Targets) -> str:
     return config_hash(cfg, seed, n, [tuple(t.shape) for t in parts])
 
 
-def finished_history(model: nn.Module, path: Path, key: str, epochs: int) -> list[dict] | None:
-    """The history of the training whose checkpoint at `path` ran all `epochs` under `key`, its weights
-    loaded into `model`; None where there is no such checkpoint."""
+def finished_history(model: nn.Module, path: Path, key: str, cfg: TrainConfig) -> list[dict] | None:
+    """The history of the training whose checkpoint at `path` under `key` has `finished`, its weights (the
+    best epoch's under `epochs: auto`) loaded into `model`; None where there is no such checkpoint."""
     ckpt = load_checkpoint(path)
-    if ckpt is None or ckpt.get("key") != key or ckpt["epoch"] != epochs:
+    if ckpt is None or ckpt.get("key") != key or not finished(ckpt["history"], cfg):
         return None
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["best"] if cfg.epochs == "auto" else ckpt["model"])
     return list(ckpt["history"])
 
 
@@ -329,16 +416,19 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Linear warm-up over `warmup_epochs`, then constant or cosine decay to zero, per step."""
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int, drops: Callable[[], int]) -> Callable[[int], float]:
+    """Linear warm-up over `warmup_epochs`, then constant, constant divided by 10 `drops()` times (plateau)
+    or cosine decay to zero over `epoch_cap` epochs, per step."""
     warmup = cfg.warmup_epochs * steps_per_epoch
-    total = max(1, cfg.epochs * steps_per_epoch)
+    total = max(1, epoch_cap(cfg) * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "plateau":
+            return 0.1 ** drops()
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return factor
@@ -362,16 +452,18 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen, rank: int = 0) -> tuple[int, list[dict]]:
+def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen,
+            rank: int = 0) -> tuple[int, list[dict], dict | None]:
     """Restore everything from the checkpoint at `path` if it belongs to this training; else start at 0.
-    A data-parallel checkpoint holds every process's RNG state; process `rank` takes its own."""
+    A data-parallel checkpoint holds every process's RNG state; process `rank` takes its own. Also the
+    best epoch's weights where `epochs: auto` keeps them."""
     ckpt = load_checkpoint(path)
     if ckpt is None:
-        return 0, []
+        return 0, [], None
     if ckpt.get("key") != key:
         if rank == 0:
             print(f"{path} belongs to another training (config, seed or data differ): starting afresh", flush=True)
-        return 0, []
+        return 0, [], None
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     schedule.load_state_dict(ckpt["schedule"])
@@ -383,4 +475,4 @@ def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen, rank:
         torch.cuda.set_rng_state(rng["cuda"])
     if rank == 0:
         print(f"resumed from {path} after epoch {ckpt['epoch']}", flush=True)
-    return ckpt["epoch"], list(ckpt["history"])
+    return ckpt["epoch"], list(ckpt["history"]), ckpt.get("best")

@@ -17,7 +17,7 @@ from ensemble.nets import Net, build_net, check_net, load_weights, read_weights,
 from ensemble.parallel import check_workers, fit_parallel, train_storage
 from ensemble.predictions import Chunk, sparsify, write_predictions
 from ensemble.rundir import file_hash, save_tensors, write_json, write_text
-from ensemble.train import logit_batches, resolve_device
+from ensemble.train import epochs_text, kept_epoch, logit_batches, resolve_device
 
 
 def run(run_dir: Path, cfg: Config) -> dict:
@@ -53,6 +53,7 @@ def run(run_dir: Path, cfg: Config) -> dict:
         metrics.update({f"{split}_{key}": value / len(y) for key, value in sums.items()})
     metrics.update({
         "epochs": len(history),
+        "kept_epoch": kept_epoch(history, cfg.generalist.train),
         "train_seconds": round(sum(r["seconds"] for r in history), 2),
         "parameters": parameters(net),
         "num_classes": data.num_classes,
@@ -122,7 +123,7 @@ def train_generalist(cfg: Config, data: Data, train: TrainConfig, workdir: Path,
     print(f"{desc}: {cfg.generalist.net.name} with {parameters(net):,} parameters on {data.num_classes} "
           f"classes, {len(data.x_train):,} train / {len(data.x_val):,} val / {len(data.x_test):,} test images"
           f"{f' streamed from {data.x_train.root}' if data.streamed else ''}, "
-          f"{train.epochs} epochs{' from the imported generalist' if start is not None else ''}, "
+          f"{epochs_text(train)}{' from the imported generalist' if start is not None else ''}, "
           + (f"{train.workers} Ray Train workers" if train.workers > 1 else f"device {device}"), flush=True)
     history = fit_parallel(net, data.x_train, data.y_train, train, workdir, seed=cfg.seed, device=device,
                            launch=cfg.launch, storage=storage, section="generalist.train",

@@ -124,7 +124,13 @@ class FullSoftmax(nn.Module):
         self.register_buffer("outside", outside.nonzero()[:, 0], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.net(x)
+        return self._collapsed(self.net(x))
+
+    def back(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """The logits from the inner net's `front(x, k)` (see `Net.back`)."""
+        return self._collapsed(self.net.back(h, k))
+
+    def _collapsed(self, z: torch.Tensor) -> torch.Tensor:
         return torch.cat([z[:, self.subset], z[:, self.outside].logsumexp(dim=1, keepdim=True)], dim=1)
 
 
@@ -184,17 +190,6 @@ def widen(narrow: Net, wide: Net) -> Net:
     return wide
 
 
-def freeze_trunk(net: Net) -> None:
-    """Train the head alone: the trunk's weights get no gradient and its batch-norm layers keep the
-    generalist's running statistics (they stay in eval mode whatever `net.train()` asks)."""
-    for p in net.trunk.parameters():
-        p.requires_grad_(False)
-    for m in net.trunk.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            m.train = lambda mode=True, m=m: m  # noqa: E731  (nn.Module.train recurses through this)
-
-
 @torch.no_grad()
 def collapse(probs: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
     """Probabilities over all classes (N, C) -> over the subset's classes then the dustbin (N, |S|+1)."""
@@ -251,10 +246,14 @@ class DustbinHead(_Head):
     def outputs(self, num_classes: int) -> int:
         return len(self.subset) + 1
 
+    def labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels its net's outputs are trained and validated on: local ones, the dustbin for the rest."""
+        return local_labels(y, self.subset, num_classes)
+
     def targets(self, generalist: Net, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                 batch_size: int) -> tuple[torch.Tensor, LossFn | None]:
         """Local labels, and the training loop's default loss (cross-entropy)."""
-        return local_labels(y, self.subset, generalist.head.out_features), None
+        return self.labels(y, generalist.head.out_features), None
 
     def start(self, generalist: Net, x: torch.Tensor, device: torch.device, batch_size: int,
               seed: int) -> tuple[Net, float]:
@@ -294,6 +293,10 @@ class FullSoftmaxHead(_Head):
 
     def outputs(self, num_classes: int) -> int:
         return num_classes
+
+    def labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels its net's outputs are validated on: global ones, its outputs being all the classes."""
+        return y
 
     def targets(self, generalist: Net, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                 batch_size: int) -> tuple[tuple[torch.Tensor, torch.Tensor], LossFn]:

@@ -19,9 +19,10 @@ from ensemble.launch import Store, task_folder
 from ensemble.layout import specialist_name
 from ensemble.metrics import conditional_top1
 from ensemble.nets import build_net, load_net
-from ensemble.train import fit, predict_logits
+from ensemble.train import fit, kept_epoch, predict_logits, validated
 
-from .heads import dustbin_correction, freeze_trunk, make_head, widen
+from .branches import freeze_front, shared_blocks
+from .heads import Head, dustbin_correction, make_head, widen
 from .sampling import local_labels, subset_sampler
 
 
@@ -69,14 +70,14 @@ def train_specialist(job: Job, checkpoint: bytes | None, store: Store, device: t
         generalist = widen(generalist, build_net(specialist_net_config(cfg), shape, num_classes))
     net, init_kl = head.start(generalist, x, device, batch, seed)
     start = head.view(copy.deepcopy(net))
-    if spec.freeze_trunk:
-        freeze_trunk(net)
+    freeze_front(net, shared_blocks(spec, cfg.generalist.net))
 
     in_subset = local_labels(data.y_train, head.subset, num_classes) < size
     sampler = subset_sampler(in_subset, spec.train.batch_size, spec.in_subset_fraction)
+    val = validation_mix(data, head, spec.in_subset_fraction, seed) if validated(spec.train) else None
     with task_folder(job.name, checkpoint, store) as folder:
         history = fit(net, x, targets, spec.train, folder.folder, seed=seed, device=device, sampler=sampler,
-                      loss_fn=loss_fn, desc=f"specialist {job.name}", on_epoch=folder.on_epoch,
+                      loss_fn=loss_fn, val=val, desc=f"specialist {job.name}", on_epoch=folder.on_epoch,
                       clean_images=head.soft_targets)
     trained = head.view(net)
 
@@ -96,6 +97,7 @@ def train_specialist(job: Job, checkpoint: bytes | None, store: Store, device: t
         "kept": kept, "val_conditional_top1_trained": val["trained"], "val_conditional_top1_start": val["start"],
         "classes": size, "natural_share": pi, "sampled_share": rho, "dustbin_shift": shift,
         "init_dustbin_kl": init_kl, "epochs": len(history),
+        "kept_epoch": kept_epoch(history, spec.train),
     }
     provenance = {
         "resumed_from_epoch": folder.resumed_from,
@@ -104,6 +106,18 @@ def train_specialist(job: Job, checkpoint: bytes | None, store: Store, device: t
         "host": socket.gethostname(), "node_id": _ray_node_id(), "pid": os.getpid(),
     }
     return Trained(head.weights(view), history, metrics, provenance)
+
+
+def validation_mix(data: Data, head: Head, rho: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `epochs: auto` and `schedule: plateau` follow for a specialist: its subset's validation images
+    and, drawn at random, as many others as its batches' in-subset share `rho` puts beside them, with the
+    labels its net is trained on."""
+    local = local_labels(data.y_val, head.subset, data.num_classes)
+    inside, outside = (local < len(head.subset)).nonzero()[:, 0], (local == len(head.subset)).nonzero()[:, 0]
+    count = min(len(outside), round(len(inside) * (1 - rho) / rho))
+    outside = outside[torch.randperm(len(outside), generator=torch.Generator().manual_seed(seed))[:count]]
+    rows = torch.cat([inside, outside]).sort().values
+    return data.x_val[rows], head.labels(data.y_val[rows], data.num_classes)
 
 
 def choose_shift(mode: str, prior_shift: float, val_logits: torch.Tensor, y_val_local: torch.Tensor) -> float:

@@ -58,7 +58,18 @@ def _overrides(tmp_path, net, *extra):
             "generalist.train.epochs=2", "generalist.train.batch_size=32", "cluster.num_subsets=2",
             "cluster.shape=partition", "specialists.train.epochs=1", "specialists.train.batch_size=32",
             "distill_back.train.epochs=1", "distill_back.train.batch_size=32", "launch.num_cpus=1",
-            f"runs_dir={tmp_path}", "name=r", *extra]
+            "baselines.budgets=[compute,wall_clock]", f"runs_dir={tmp_path}", "name=r", *extra]
+
+
+def test_the_equal_inference_rival_is_left_out_with_a_warning_for_a_net_that_has_no_width(capsys):
+    import baselines
+
+    cfg = load_config(None, ["generalist.net.name=torchvision:resnet18"])
+    assert cfg.baselines.budgets == ["compute", "wall_clock", "inference"]
+    baselines.check(cfg)
+    assert baselines.stage.trained_budgets(cfg) == ["compute", "wall_clock"]
+    assert ("warning: baselines.budgets: inference widens the generalist's net, which is defined for the built-in "
+            "nets (mlp, cnn, resnet), not for torchvision:resnet18: that rival is left out") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, kwargs, head", [
@@ -268,8 +279,10 @@ def test_an_imported_generalist_is_evaluated_not_trained_and_its_rivals_train_on
         run_pipeline(cfg, only=stage)
     report = json.loads((cfg.run_dir / "baselines" / "report.json").read_text())
     assert [r["system"] for r in report["baselines"]] == [
-        "generalist trained on for the specialists' compute", "generalist trained on for the longest specialist's compute"]
-    for budget in ("compute", "wall_clock"):
+        "generalist trained on for the specialists' compute", "generalist trained on for the longest specialist's compute",
+        "generalist widened to the ensemble's inference cost, trained on for the specialists' compute"]
+    assert report["baselines"][2]["net"]["width"] > cfg.generalist.net.width  # and it starts as the generalist:
+    for budget in ("compute", "wall_clock", "inference"):
         pred = load_tensors(cfg.run_dir / "baselines" / budget / "predictions.safetensors")["test_pred"]
         assert torch.equal(pred, mine.probs.argmax(1))
     assert "The generalist was imported from" in (cfg.run_dir / "combiner" / "tables.md").read_text()

@@ -37,6 +37,7 @@ def test_the_gpu_check_says_there_is_no_gpu_and_passes_its_checks_on_the_cpu(mon
     import json
 
     checks = json.loads((tmp_path / "gpu_check.json").read_text())["rows"]
-    assert len(checks) == 8 and all(row["ok"] for row in checks)
+    assert len(checks) == 9 and all(row["ok"] for row in checks)
+    assert checks[-2]["check"] == "ensemble (branch specialists) test probabilities, GPU vs CPU"
     assert checks[-1]["check"] == "generalist on 2 Ray Train workers on cpu" and checks[-1]["devices"] == "cpu"
     assert "all checks passed" in capsys.readouterr().out

@@ -84,7 +84,8 @@ def test_evaluation_tables_match_a_slow_recount(trained):
 
 
 def test_verdict_compares_the_ensemble_with_each_baseline_on_the_same_images(trained):
-    """eval.json's verdict rows recount from the saved predictions; the call is the last (equal-compute) row's."""
+    """eval.json's verdict rows recount from the saved predictions; the ensemble pays only if it beats all
+    three rivals (equal compute, wall clock and inference cost)."""
     run = trained.run_dir
     report = json.loads((run / "combiner" / "eval.json").read_text())
     labels = read_split(run / "generalist" / "predictions", "test").labels
@@ -92,14 +93,36 @@ def test_verdict_compares_the_ensemble_with_each_baseline_on_the_same_images(tra
     right = Combiner.from_run(run).predict(x) == labels
     rows = report["comparisons"]
     rivals = [r["rival"] for r in rows]
-    assert rivals[0] == "generalist" and rivals[1].startswith("equal-wall-clock generalist")
-    assert rivals[2].startswith("equal-compute generalist")
-    pred = load_tensors(run / "baselines" / "compute" / "predictions.safetensors")["test_pred"]
-    last = rows[-1]
-    assert (last["won"], last["lost"]) == (int((right & (pred != labels)).sum()), int((~right & (pred == labels)).sum()))
-    assert (report["verdict"], report["verdict_rival"]) == (last["call"], last["rival"])
+    assert rivals[0] == "generalist" and rivals[-1].startswith("equal-compute generalist")
+    assert sorted(r.split(" (")[0] for r in rivals[1:]) == [
+        "equal-compute generalist", "equal-inference-cost generalist", "equal-wall-clock generalist"]
+    for budget, row in (("compute", rows[-1]), ("inference", next(r for r in rows if "inference" in r["rival"]))):
+        pred = load_tensors(run / "baselines" / budget / "predictions.safetensors")["test_pred"]
+        assert (row["won"], row["lost"]) == (int((right & (pred != labels)).sum()),
+                                             int((~right & (pred == labels)).sum()))
+    unbeaten = [r for r in rows[1:] if r["call"] != "beats"]
+    deciding = min(unbeaten or rows[1:], key=lambda r: r["difference"])
+    assert (report["verdict"], report["verdict_rival"]) == (deciding["call"], deciding["rival"])
     text = (run / "combiner" / "tables.md").read_text()
-    assert "Verdict" in text and ("The ensemble pays" in text) == (last["call"] == "beats")
+    assert "Verdict" in text and ("The ensemble pays" in text) == (not unbeaten)
+
+
+def test_the_ensemble_pays_only_if_it_beats_every_rival():
+    from combiner.stage import decisive, verdict_markdown
+
+    def row(rival, difference, call):
+        return {"rival": rival, "rival_top1": 0.5, "difference": difference, "standard_error": 0.01, "won": 1,
+                "lost": 0, "call": call}
+
+    rows = [row("generalist", 0.05, "beats"), row("a", 0.03, "beats"), row("b", 0.01, "is level with"),
+            row("c", 0.04, "beats")]
+    assert decisive(rows)["rival"] == "b"
+    assert "does not pay: it is level with the b" in verdict_markdown(rows)
+    rows[2] = row("b", 0.035, "beats")
+    assert decisive(rows)["rival"] == "a"
+    assert "The ensemble pays: it beats all 3 single networks" in verdict_markdown(rows)
+    rows[1] = row("a", -0.04, "loses to")
+    assert decisive(rows)["rival"] == "a" and "does not pay: it loses to the a" in verdict_markdown(rows)
 
 
 @pytest.mark.parametrize("won, lost, call", [(30, 5, "beats"), (5, 30, "loses to"), (12, 8, "is level with"), (0, 0, "is level with")])

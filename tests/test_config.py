@@ -21,7 +21,7 @@ def test_defaults_file_and_overrides_stack(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("generalist.trian.epochs=3", "unknown config key 'generalist.trian' (did you mean 'train'?)"),
-    ("generalist.train.epochs=three", "'generalist.train.epochs' must be int, got 'three'"),
+    ("generalist.train.epochs=three", "'generalist.train.epochs' must be int or 'auto', got 'three'"),
     ("generalist.train.epochs=2.5", "'generalist.train.epochs' must be int"),
     ("generalist.train.amp=3", "'generalist.train.amp' must be bool"),
     ("generalist.train.lr=fast", "'generalist.train.lr' must be float, got 'fast'"),
@@ -74,8 +74,9 @@ def test_an_option_at_its_neutral_value_leaves_the_hash_as_before_the_option_exi
     import json
 
     section = load_config().specialists
-    before = {k: v for k, v in dataclasses.asdict(section).items() if k != "head_hidden"}
-    before["train"].pop("workers")  # train.workers came later still, neutral at 1 (issue 24)
+    before = {k: v for k, v in dataclasses.asdict(section).items() if k not in ("head_hidden", "branch_at")}
+    for later in ("workers", "patience", "max_epochs"):  # train.workers came later still, neutral at 1 (issue 24);
+        before["train"].pop(later)  # patience and max_epochs later again (issue 26)
     assert config_hash(section) == config_hash(before)
     assert config_hash(load_config(None, ["specialists.head_hidden=16"]).specialists) != config_hash(before)
     assert json.loads(json.dumps(dataclasses.asdict(section)))["head_hidden"] == 0  # config.yaml still shows it
@@ -101,8 +102,8 @@ def test_a_baseline_named_twice_is_refused_before_any_stage_runs():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("generalist.train.epochs=0", "'generalist.train.epochs' must be >= 1, got 0"),
-    ("distill_back.train.epochs=-2", "'distill_back.train.epochs' must be >= 1, got -2"),
+    ("generalist.train.epochs=0", "'generalist.train.epochs' must be >= 1 or 'auto', got 0"),
+    ("distill_back.train.epochs=-2", "'distill_back.train.epochs' must be >= 1 or 'auto', got -2"),
     ("specialists.in_subset_fraction=1.5", r"'specialists.in_subset_fraction' must be in \(0, 1\), got 1.5"),
     ("combine.top_n=[]", "'combine.top_n' must be a non-empty list of integers >= 1, got \\[\\]"),
     ("combine.top_n=[1, 0]", "'combine.top_n' must be a non-empty list of integers >= 1"),

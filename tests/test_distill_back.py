@@ -162,3 +162,52 @@ def test_bad_settings_fail_before_any_stage_runs_and_lose_nothing(distilled, tmp
     with pytest.raises(ValueError, match=message):
         run_pipeline(_cfg(tmp_path, *OPTIONS, override))
     assert sorted(p.name for p in (tmp_path / "r" / "distill_back").iterdir()) == before
+
+
+def test_a_student_at_the_ensembles_inference_cost_starts_as_the_generalist_widened(distilled, tmp_path):
+    """Issue 26: `distill_back.net: inference` is the baselines stage's equal-inference-cost net; it starts
+    as the generalist widened, so distillation's gain over that rival on hard labels shows in the report."""
+    import shutil
+
+    shutil.copytree(distilled.run_dir, tmp_path / "r")
+    cfg = _cfg(tmp_path, *OPTIONS, "distill_back.net=inference", "distill_back.control=false")
+    data = load_data(cfg.data)
+    ensemble = load_ensemble(cfg.run_dir, cfg)
+    student = distill_back.stage.make_student(cfg, data, ensemble.generalist)
+    wide = json.loads((cfg.run_dir / "baselines" / "report.json").read_text())["inference_net"]
+    assert student.head.in_features == wide["width"] > cfg.generalist.net.width
+    x = data.x_test[:64]
+    torch.testing.assert_close(predict_logits(student, x, device=torch.device("cpu")),
+                               predict_logits(ensemble.generalist, x, device=torch.device("cpu")), rtol=0, atol=1e-5)
+    run_pipeline(cfg, only="distill_back")
+    rows = {r["system"]: r for r in json.loads((cfg.run_dir / "distill_back" / "report.json").read_text())["systems"]}
+    rival = next(r for name, r in rows.items() if name.startswith("equal-inference-cost generalist"))
+    assert rows["student"]["multiply_adds"] == rival["multiply_adds"] > rows["generalist"]["multiply_adds"]
+    epochs = next(r for r in json.loads((cfg.run_dir / "baselines" / "report.json").read_text())["baselines"]
+                  if r["budget"] == "inference")["epochs"]  # training compute in generalist epochs: at its own cost
+    assert rival["train_epochs"] == pytest.approx(epochs * rival["multiply_adds"] / rows["generalist"]["multiply_adds"])
+
+
+def test_a_student_at_the_inference_cost_needs_the_rival_that_defines_it(tmp_path):
+    with pytest.raises(ValueError, match=r"distill_back.net=inference is the baselines stage's equal-inference-cost "
+                                         r"net, which baselines.budgets \['compute'\] does not train"):
+        run_pipeline(_cfg(tmp_path, "distill_back.net=inference", "baselines.budgets=[compute]", name="fresh"))
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(ValueError, match="'distill_back.net.widht'"):  # a section's own errors, not the union's
+        _cfg(tmp_path, "distill_back.net={name: mlp, widht: 3}")
+
+
+def test_a_deeper_inference_net_starts_from_scratch_with_a_warning(distilled, tmp_path, capsys):
+    """Where widening overshot the ensemble's cost, the baselines stage deepened the rival; the
+    generalist's weights cannot start that student, which the stage says before training it afresh."""
+    import shutil
+
+    shutil.copytree(distilled.run_dir, tmp_path / "r")
+    report_path = tmp_path / "r" / "baselines" / "report.json"
+    report = json.loads(report_path.read_text())
+    report["inference_net"]["depth"] = 2
+    report_path.write_text(json.dumps(report))
+    cfg = _cfg(tmp_path, *OPTIONS, "distill_back.net=inference")
+    student = distill_back.stage.make_student(cfg, load_data(cfg.data), load_ensemble(cfg.run_dir, cfg).generalist)
+    assert len([m for m in student.trunk if isinstance(m, torch.nn.Linear)]) == 2
+    assert "the equal-inference-cost net is deeper than the generalist (depth 2)" in capsys.readouterr().err

@@ -184,3 +184,23 @@ def test_a_missing_data_file_stops_the_run_before_it_writes_anything(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.path .*nope.npz does not exist \(data.source=npz\)"):
         run_pipeline(cfg)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_generalist_trained_until_it_stalls_saves_its_best_epoch(tmp_path):
+    """Issue 26: `generalist.train.epochs: auto`: the stage's weights are the best validation epoch's."""
+    import torch
+
+    from ensemble.rundir import load_checkpoint, load_tensors
+    from ensemble.train import plateau
+
+    cfg = _cfg(tmp_path, "generalist.train.epochs=auto", "generalist.train.patience=1",
+               "generalist.train.max_epochs=8", "generalist.train.lr=0.05")
+    metrics = run_pipeline(cfg, only="generalist")["generalist"]
+    folder = tmp_path / "r" / "generalist"
+    history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    state = plateau(history, cfg.generalist.train)
+    assert metrics["epochs"] == len(history) and metrics["kept_epoch"] == state.best_epoch
+    assert state.stop or len(history) == 8
+    best = load_checkpoint(folder / "checkpoint.pt")["best"]
+    saved = load_tensors(folder / "model.safetensors")
+    assert all(torch.equal(saved[k], best[k]) for k in best)

@@ -159,3 +159,31 @@ def test_a_corrupt_specialist_checkpoint_restarts_that_specialist_with_a_warning
     assert f"warning: checkpoint {checkpoint} is corrupt or not ours" in capsys.readouterr().err
     metrics = json.loads((tmp_path / "r" / "specialists" / "m000" / "metrics.json").read_text())
     assert metrics["provenance"]["resumed_from_epoch"] == 0
+
+
+def test_specialists_train_until_their_validation_mix_stalls(upstream, tmp_path):
+    """Issue 26: `specialists.train.epochs: auto` follows each specialist's subset's validation images and
+    as many others as the batches' in-subset share puts beside them; the best epoch's weights are kept."""
+    from ensemble.data import load_data
+    from ensemble.train import plateau
+    from specialists.heads import make_head
+    from specialists.task import validation_mix
+
+    cfg = specialists_run(upstream, tmp_path, "specialists.train.epochs=auto", "specialists.train.patience=1",
+                          "specialists.train.max_epochs=6", "specialists.in_subset_fraction=0.6")
+    data = load_data(cfg.data)
+    subset = json.loads((upstream / "cluster" / "subsets.json").read_text())["subsets"][0]["classes"]
+    head = make_head(cfg.specialists, subset)
+    x, labels = validation_mix(data, head, 0.6, seed=0)
+    inside = int(torch.isin(data.y_val, torch.tensor(subset)).sum())
+    assert int((labels < len(subset)).sum()) == inside and int((labels == len(subset)).sum()) == round(inside * 0.4 / 0.6)
+    assert len(x) == len(labels)
+    run_pipeline(cfg, only="specialists")
+    for row in json.loads((tmp_path / "r" / "specialists" / "report.json").read_text())["specialists"]:
+        folder = tmp_path / "r" / "specialists" / row["specialist"]
+        history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        state = plateau(history, cfg.specialists.train)
+        assert all("val_top1" in r for r in history) and metrics["epochs"] == len(history) <= 6
+        assert state.stop or len(history) == 6
+        assert metrics["kept_epoch"] == state.best_epoch >= 1

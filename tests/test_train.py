@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from ensemble.config import NetConfig, TrainConfig
 from ensemble.nets import build_net
 from ensemble.rundir import CHECKPOINT
-from ensemble.train import _lr_lambda, augment, fit
+from ensemble.train import LR_DROPS, _lr_lambda, augment, finished_history, fit, plateau, training_key
 
 CPU = torch.device("cpu")
 
@@ -110,10 +110,10 @@ def test_learns_a_separable_problem(tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = _lr_lambda(TrainConfig(epochs=10, warmup_epochs=1.0, schedule="cosine"), steps_per_epoch=10)
+    f = _lr_lambda(TrainConfig(epochs=10, warmup_epochs=1.0, schedule="cosine"), 10, lambda: 0)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
-    g = _lr_lambda(TrainConfig(epochs=10, warmup_epochs=0.0, schedule="constant"), steps_per_epoch=10)
+    g = _lr_lambda(TrainConfig(epochs=10, warmup_epochs=0.0, schedule="constant"), 10, lambda: 0)
     assert g(0) == g(99) == 1.0
 
 
@@ -177,3 +177,94 @@ def test_the_validation_in_fit_builds_no_autograd_graph(monkeypatch):
     x, y = _problem(n=32)
     train.evaluate(_net(), x, y, device=CPU, batch_size=16)
     assert seen == [False, False]
+
+
+def _history(scores):
+    return [{"epoch": i + 1, "val_top1": v} for i, v in enumerate(scores)]
+
+
+def test_plateau_replays_the_validation_curve():
+    """Issue 26: `epochs: auto` stops at the first stall of `patience` epochs without a strictly better
+    validation top-1; `schedule: plateau` first divides the learning rate by 10 at each of LR_DROPS stalls."""
+    auto = TrainConfig(epochs="auto", patience=2)
+    state = plateau(_history([0.1, 0.3, 0.3, 0.2]), auto)  # a tie is no improvement
+    assert (state.best_epoch, state.drops, state.stop) == (2, 0, True)
+    state = plateau(_history([0.1, 0.3, 0.3, 0.4, 0.2]), auto)
+    assert (state.best_epoch, state.drops, state.stop) == (4, 0, False)
+    drops = TrainConfig(epochs="auto", patience=2, schedule="plateau")
+    curve = [0.1, 0.3, 0.2, 0.2, 0.35, 0.3, 0.3, 0.3, 0.3]  # stalls end at epochs 4, 7 and 9
+    assert LR_DROPS == 2
+    assert [plateau(_history(curve[:n]), drops).drops for n in range(1, 10)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [plateau(_history(curve[:n]), drops).stop for n in range(1, 10)] == [False] * 8 + [True]
+    fixed = TrainConfig(epochs=9, patience=2, schedule="plateau")  # the drops, never a stop
+    assert plateau(_history(curve), fixed) == type(state)(5, 2, False)
+    assert plateau(_history(curve), TrainConfig(epochs=9, patience=2)) == type(state)(0, 0, False)
+
+
+def _noisy_val(n=64):
+    """Validation labels the net cannot learn: its validation top-1 wanders and stalls."""
+    x, _ = _problem(n)
+    return x, torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(5))
+
+
+AUTO = TrainConfig(epochs="auto", patience=2, max_epochs=12, batch_size=16, augment="none", lr=1e-2)
+
+
+def test_epochs_auto_stops_at_a_stall_and_keeps_the_best_epochs_weights(tmp_path):
+    x, y = _problem()
+    snapshots = {}
+    net = _net()
+    hist = fit(net, x, y, AUTO, tmp_path, seed=0, device=CPU, val=_noisy_val(),
+               on_epoch=lambda h: snapshots.update({len(h): _weights(net)}))
+    state = plateau(hist, AUTO)
+    assert state.stop and len(hist) == state.best_epoch + AUTO.patience < AUTO.max_epochs
+    best, final = snapshots[state.best_epoch], _weights(net)
+    assert all(torch.equal(best[k], final[k]) for k in best)
+    assert not all(torch.equal(snapshots[len(hist)][k], final[k]) for k in final)  # not the last epoch's
+    again = _net(seed=7)  # a finished training is read back, best weights and all
+    key = training_key(AUTO, 0, len(x), y)
+    assert finished_history(again, tmp_path / CHECKPOINT, key, AUTO) == hist
+    assert all(torch.equal(v, final[k]) for k, v in _weights(again).items())
+
+
+def test_an_interrupted_auto_training_resumes_to_the_same_stop_and_weights(tmp_path):
+    x, y = _problem()
+    val = _noisy_val()
+    cfg = TrainConfig(epochs="auto", patience=2, max_epochs=12, batch_size=16, augment="none", lr=1e-2,
+                      schedule="plateau")
+    full = _net()
+    hist_full = fit(full, x, y, cfg, tmp_path / "full", seed=0, device=CPU, val=val)
+    assert plateau(hist_full, cfg).drops >= 1  # the cut below falls after a drop of the learning rate
+    cut_at = 6 * (len(hist_full) - 1) + 3  # a step in the last epoch
+    calls = {"n": 0}
+
+    def dying_loss(z, t):
+        calls["n"] += 1
+        if calls["n"] == cut_at:
+            raise Interrupt
+        return F.cross_entropy(z, t)
+
+    with pytest.raises(Interrupt):
+        fit(_net(), x, y, cfg, tmp_path / "cut", seed=0, device=CPU, loss_fn=dying_loss, val=val)
+    resumed = _net(seed=123)
+    hist = fit(resumed, x, y, cfg, tmp_path / "cut", seed=0, device=CPU, val=val)
+    assert [r["train_loss"] for r in hist] == [r["train_loss"] for r in hist_full]
+    assert [r["lr"] for r in hist] == [r["lr"] for r in hist_full]
+    wf, wr = _weights(full), _weights(resumed)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+
+
+def test_plateau_schedule_divides_the_learning_rate_by_ten_at_each_stall(tmp_path):
+    x, y = _problem()
+    cfg = TrainConfig(epochs=10, patience=2, batch_size=16, augment="none", lr=1e-2, warmup_epochs=0,
+                      schedule="plateau")
+    hist = fit(_net(), x, y, cfg, tmp_path, seed=0, device=CPU, val=_noisy_val())
+    for n in range(1, len(hist) + 1):  # each epoch's last step ran at the rate its history up to then set
+        assert hist[n - 1]["lr"] == pytest.approx(1e-2 * 0.1 ** plateau(hist[:n - 1], cfg).drops)
+    assert plateau(hist, cfg).drops >= 1
+
+
+def test_auto_without_validation_images_is_an_error_naming_it(tmp_path):
+    x, y = _problem()
+    with pytest.raises(ValueError, match="epochs: auto and schedule: plateau follow the validation top-1"):
+        fit(_net(), x, y, AUTO, tmp_path, seed=0, device=CPU, desc="specialist m000")
