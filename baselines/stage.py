@@ -39,13 +39,14 @@ from ensemble.cost import multiply_adds
 from ensemble.data import Data, load_data
 from ensemble.launch import Store, run_tasks, task_folder
 from ensemble.layout import RunDir
-from ensemble.metrics import active_table, classification_metrics
+from ensemble.metrics import classification_metrics
 from ensemble.nets import BUILT_IN, build_net, load_net
 from ensemble.parallel import check_workers, train_storage
 from ensemble.rundir import load_tensors, read_json, read_trained, save_tensors, save_trained, trained_metrics, write_json
-from ensemble.train import logit_batches, predict_logits, resolve_device
+from ensemble.train import predict_logits, resolve_device
 from generalist import train_generalist
-from specialists import branch_costs, ensemble_multiply_adds, load_specialists, make_head, shared_blocks, widen
+from specialists import (active_shares, branch_costs, ensemble_multiply_adds, front_macs, load_specialists, make_head,
+                         shared_blocks, widen)
 
 FORWARD_SHARE = 1 / 3  # a forward pass is about a third of a training step (backward costs twice forward)
 TITLES = {"compute": "equal-compute generalist", "wall_clock": "equal-wall-clock generalist",
@@ -80,10 +81,10 @@ def run(run_dir: Path, cfg: Config) -> dict:
     nets = {name: cfg.generalist.net for name in epochs}
     sizing = {}
     if "inference" in trained_budgets(cfg):
-        target = inference_target(run_dir, cfg, data)
+        target, base = inference_target(run_dir, cfg, data)
         nets["inference"], macs = equal_inference_net(cfg.generalist.net, data.input_shape, data.num_classes, target,
                                                       deeper=0 if imported else DEEPER)
-        epochs["inference"] = epochs["compute"] * sizing_base(cfg, data) / macs
+        epochs["inference"] = epochs["compute"] * base / macs  # the compute budget's multiply-adds
         sizing = {"ensemble_multiply_adds": target, "inference_multiply_adds": macs,
                   "inference_net": dataclasses.asdict(nets["inference"])}
     jobs = [Budget(name, max(1, math.ceil(epochs[name] - 1e-9)), titles[name], nets[name])
@@ -162,21 +163,18 @@ def budgets(general: float, specialists: list[float], per_epoch: int) -> dict[st
             "wall_clock": (general + max(specialists, default=0)) / per_epoch}
 
 
-def inference_target(run_dir: Path, cfg: Config, data: Data) -> float:
-    """The ensemble's multiply-adds per example on the validation set: the generalist's, then each
-    specialist's own blocks where it is active (the first `combine.top_n`; `ensemble_multiply_adds`)."""
+def inference_target(run_dir: Path, cfg: Config, data: Data) -> tuple[float, int]:
+    """The ensemble's multiply-adds per example on the validation set (the generalist's, then each
+    specialist's own blocks where it is active at the first `combine.top_n`), and the generalist's."""
     specialists = load_specialists(run_dir, cfg)
     generalist = load_net(cfg.generalist.net, data.input_shape, data.num_classes, RunDir(run_dir).generalist.weights,
                           "the generalist's weights")
-    subsets = [torch.as_tensor(s) for s in specialists.subsets]
-    active = torch.zeros(len(subsets), dtype=torch.float64)
-    for (logits,) in logit_batches([generalist], data.x_val, device=resolve_device(cfg.device),
-                                   batch_size=cfg.generalist.train.eval_batch_size,
-                                   channels_last=cfg.generalist.train.channels_last):
-        active += active_table(logits, subsets, cfg.combine.top_n[0]).sum(dim=1).double()
+    shares = active_shares(generalist, specialists.subsets, cfg.combine.top_n[0], data.x_val,
+                           device=resolve_device(cfg.device), batch_size=cfg.generalist.train.eval_batch_size,
+                           channels_last=cfg.generalist.train.channels_last)
     costs = branch_costs(generalist, specialists.nets, shared_blocks(cfg.specialists, cfg.generalist.net),
                          data.input_shape)
-    return ensemble_multiply_adds(costs, (active / len(data.x_val)).tolist())
+    return ensemble_multiply_adds(costs, shares), costs[0]
 
 
 def equal_inference_net(net: NetConfig, input_shape: tuple[int, int, int], num_classes: int, target: float,
@@ -205,11 +203,6 @@ def equal_inference_net(net: NetConfig, input_shape: tuple[int, int, int], num_c
     return best, macs
 
 
-def sizing_base(cfg: Config, data: Data) -> int:
-    """The generalist's multiply-adds per example, the unit the budgets' epochs are counted in."""
-    return multiply_adds(build_net(cfg.generalist.net, data.input_shape, data.num_classes), data.input_shape)
-
-
 def epoch_examples(cfg: Config, data: Data) -> int:
     """The training examples a generalist epoch trains on (the last partial batch is dropped)."""
     batch = cfg.generalist.train.batch_size
@@ -235,8 +228,7 @@ def training_compute(run_dir: Path, cfg: Config, data: Data) -> tuple[int, list[
                           "the generalist's weights")
     base = multiply_adds(generalist, shape)
     widened = multiply_adds(build_net(specialist_net_config(cfg), shape, data.num_classes), shape)
-    k = shared_blocks(cfg.specialists, cfg.generalist.net)
-    front = multiply_adds(generalist, shape, forward=lambda x: generalist.front(x, k)) if k else 0
+    front = front_macs(generalist, shared_blocks(cfg.specialists, cfg.generalist.net), shape)
     specialists = load_specialists(run_dir, cfg)
     n = len(data.x_train)
     costs = []

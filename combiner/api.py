@@ -124,9 +124,10 @@ class Combiner:
             outputs = []
             for net, subset, needed in zip(self.specialists, self.subsets, active):
                 rows = needed.nonzero()[:, 0]
-                z = (net.back(h[rows], k) if k else net(x[rows])) if len(rows) else None
-                outputs.append((rows, _softmax(z, dtype) if z is not None else
-                                logits.new_zeros(0, len(subset) + 1, dtype=dtype)))
+                if not len(rows):
+                    outputs.append((rows, logits.new_zeros(0, len(subset) + 1, dtype=dtype)))
+                    continue
+                outputs.append((rows, _softmax(net.back(h[rows], k) if k else net(x[rows]), dtype)))
         return _softmax(logits, dtype), outputs
 
     def parameter_count(self) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from baselines import baseline_rows, baseline_title, load_baseline, trained_budgets, training_compute
-from combiner import Combiner, active_specialists, beats_generalist, combine_method, load_ensemble
+from combiner import Combiner, beats_generalist, combine_method, load_ensemble
 from ensemble.config import Config, NetConfig, config_hash, from_dict
 from ensemble.cost import multiply_adds, parameters, timed_predictions
 from ensemble.data import Data, data_fingerprint, load_data
@@ -24,8 +24,8 @@ from ensemble.layout import NetDir, RunDir
 from ensemble.nets import Net, build_net, check_net, load_net, start_net
 from ensemble.parallel import check_workers, fit_parallel, train_storage
 from ensemble.rundir import file_hash, read_json, save_tensors, write_json, write_text
-from ensemble.train import logit_batches, predict_logits, resolve_device
-from specialists import widen
+from ensemble.train import predict_logits, resolve_device
+from specialists import active_shares, widen
 
 from .loss import distillation_loss
 from .plots import plot_distill_back
@@ -192,11 +192,9 @@ def _evaluate(name: str, model: Net | Combiner, train_epochs: float, data: Data,
     batch = cfg.distill_back.train.eval_batch_size
     if isinstance(model, Combiner):
         predict = model.predict_proba
-        active = torch.zeros(len(model.subsets), dtype=torch.float64)  # (M,) examples each specialist is active for
-        for (logits,) in logit_batches([model.generalist], data.x_test, device=device, batch_size=batch,
-                                       channels_last=cfg.generalist.train.channels_last):
-            active += active_specialists(logits.softmax(dim=1), model.subsets, model.top_n).sum(dim=1).cpu()
-        macs, count = model.multiply_adds((active / len(data.x_test)).tolist()), model.parameter_count()
+        shares = active_shares(model.generalist, [s.cpu() for s in model.subsets], model.top_n, data.x_test,
+                               device=device, batch_size=batch, channels_last=cfg.generalist.train.channels_last)
+        macs, count = model.multiply_adds(shares), model.parameter_count()
     else:
         def predict(x: torch.Tensor) -> torch.Tensor:
             return predict_logits(model, x, device=device, batch_size=batch).softmax(dim=1)

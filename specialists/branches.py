@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from ensemble.config import NetConfig, SpecialistsConfig
 from ensemble.cost import multiply_adds, parameters
+from ensemble.data import Images
+from ensemble.metrics import active_table
 from ensemble.nets import Net, block_count
+from ensemble.train import logit_batches
 
 
 def shared_blocks(cfg: SpecialistsConfig, generalist: NetConfig) -> int:
@@ -47,12 +51,28 @@ def own_net(specialist: nn.Module) -> Net:
     return getattr(specialist, "net", specialist)
 
 
+def front_macs(generalist: Net, k: int, input_shape: tuple[int, int, int]) -> int:
+    """The multiply-adds per example of the generalist's first `k` blocks, the part every specialist shares."""
+    return multiply_adds(generalist, input_shape, forward=lambda x: generalist.front(x, k)) if k else 0
+
+
 def branch_costs(generalist: Net, specialists: Sequence[nn.Module], k: int,
                  input_shape: tuple[int, int, int]) -> tuple[int, list[int]]:
     """The generalist's multiply-adds per example, and each specialist's own where all share the
     generalist's first `k` blocks: its blocks after them and its head (the whole specialist where k is 0)."""
-    front = multiply_adds(generalist, input_shape, forward=lambda x: generalist.front(x, k)) if k else 0
+    front = front_macs(generalist, k, input_shape)
     return multiply_adds(generalist, input_shape), [multiply_adds(net, input_shape) - front for net in specialists]
+
+
+def active_shares(generalist: nn.Module, subsets: Sequence[torch.Tensor], top_n: int | None, x: Images, *,
+                  device: torch.device, batch_size: int, channels_last: bool) -> list[float]:
+    """The share of the images `x` each specialist is active for (`active_table` on the generalist's
+    logits, batch by batch): what `ensemble_multiply_adds` weighs each specialist's own cost by."""
+    active = torch.zeros(len(subsets), dtype=torch.float64)
+    subsets = [torch.as_tensor(s) for s in subsets]
+    for (logits,) in logit_batches([generalist], x, device=device, batch_size=batch_size, channels_last=channels_last):
+        active += active_table(logits, subsets, top_n).sum(dim=1).double()
+    return (active / len(x)).tolist()
 
 
 def ensemble_multiply_adds(costs: tuple[int, list[int]], active_share: Sequence[float]) -> float:
