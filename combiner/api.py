@@ -46,10 +46,11 @@ class Combiner:
 
     def __init__(self, generalist: nn.Module, specialists: Sequence[nn.Module], subsets: Sequence[Sequence[int]],
                  *, top_n: int | None = 1, method: Method = "fixed_point", device: str | torch.device = "cpu",
-                 input_shape: tuple[int, int, int] | None = None, shared_blocks: int = 0):
+                 input_shape: tuple[int, int, int] | None = None, shared_blocks: int | str = 0):
         """`input_shape`: the (C, H, W) of the images the nets were trained on, which `predict_proba`
         checks its inputs against (`from_run` knows it). `shared_blocks`: how many of the generalist's
-        blocks every specialist holds unchanged (a ValueError where one does not)."""
+        blocks every specialist holds unchanged, or the module of a torchvision or factory net up to which
+        they do (`specialists.branch_at`; a ValueError where one does not)."""
         if len(specialists) != len(subsets):
             raise ValueError(f"{len(specialists)} specialists but {len(subsets)} subsets")
         self.input_shape = None if input_shape is None else tuple(input_shape)
@@ -176,22 +177,25 @@ def combine_method(run_dir: Path, cfg: Config) -> Method:
     return read_json(path)["method"]
 
 
-def _check_shared(generalist: nn.Module, specialists: Sequence[nn.Module], k: int) -> None:
-    """Every specialist's first `k` blocks (and input normalisation) hold the generalist's tensors: a
-    ValueError naming the first specialist and tensor that differ."""
-    if not isinstance(generalist, Net) or not 0 <= k <= generalist.num_blocks:
+def _check_shared(generalist: nn.Module, specialists: Sequence[nn.Module], k: int | str) -> None:
+    """Every specialist's first `k` blocks (or its layers up to module `k`) and input normalisation hold the
+    generalist's tensors: a ValueError naming the first specialist and tensor that differ."""
+    if not isinstance(generalist, Net) or isinstance(k, int) and not 0 <= k <= generalist.num_blocks:
         raise ValueError(f"shared_blocks={k}: the generalist has no such blocks (an ensemble.nets.Net with "
                          f"{getattr(generalist, 'num_blocks', 0)} blocks shares at most that many)")
-    own = _front_state(generalist, k)
+    try:
+        own = _front_state(generalist, k)
+    except ValueError as e:
+        raise ValueError(f"shared_blocks={k!r}: {e}") from None
+    shared = f"first {k} blocks" if isinstance(k, int) else f"layers up to {k}"
     for m, specialist in enumerate(specialists):
         theirs = _front_state(own_net(specialist), k)
         for name, tensor in own.items():
             if name not in theirs or not torch.equal(theirs[name], tensor):
-                raise ValueError(f"specialist {m} does not share the generalist's first {k} blocks: its {name} "
-                                 "differs")
+                raise ValueError(f"specialist {m} does not share the generalist's {shared}: its {name} differs")
 
 
-def _front_state(net: Net, k: int) -> dict[str, torch.Tensor]:
+def _front_state(net: Net, k: int | str) -> dict[str, torch.Tensor]:
     """The tensors `net.front(x, k)` computes with."""
     return {"input_mean": net.input_mean, "input_std": net.input_std,
             **{f"trunk.{name}": t for name, t in net.blocks(k)[0].state_dict().items()}}
@@ -206,7 +210,7 @@ class Ensemble:
     specialists: list[nn.Module]
     subsets: list[list[int]]
     input_shape: tuple[int, int, int]
-    shared_blocks: int
+    shared_blocks: int | str
 
 
 def load_ensemble(run_dir: Path, cfg: Config) -> Ensemble:

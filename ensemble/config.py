@@ -174,10 +174,12 @@ class SpecialistsConfig:
     dustbin_correction: Literal["prior", "none", "validation"] = "prior"  # the shift of the dustbin logit:
     #   the prior ratio's, none, or per specialist whichever of the two has the lower validation NLL
     freeze_trunk: bool = False  # train the head alone on the generalist's features (branch_at: all the blocks)
-    branch_at: int = field(default=0, metadata={"neutral": 0, **at_least(0)})  # share the generalist's first K blocks
-    #   (frozen, its weights; at inference run once for all specialists) and own copies of the blocks after them
-    #   and the head; 0: whole-network specialists. Blocks: an MLP's hidden layers, the CNN's 4 stages, the
-    #   ResNet's 3; any other net's trunk is one block
+    branch_at: int | str = field(default=0, metadata={"neutral": 0, "valid": (
+        lambda v: v != "" if isinstance(v, str) else v >= 0, ">= 0 or a module name")})  # share the generalist's
+    #   first K blocks (frozen, its weights; at inference run once for all specialists) and own copies of the
+    #   blocks after them and the head; 0: whole-network specialists. Blocks: an MLP's hidden layers, the CNN's 4
+    #   stages, the ResNet's 3; any other net's trunk is one block, or is cut after the module a name gives
+    #   (a torchvision ResNet's layer3: the specialists own layer4 and the head)
     head_hidden: int = field(default=0, metadata={"neutral": 0, **at_least(0)})  # a hidden ReLU layer of this many units in each specialist's head, added to the
     #   linear head and starting with no effect; with freeze_trunk: capacity of its own on a shared trunk
     width: int | None = field(default=None, metadata=at_least(1))  # the specialists' net width (null: the generalist's); wider ones start as the

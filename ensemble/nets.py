@@ -9,8 +9,10 @@ output is the model's output (found by running it once), or the one `net.head` n
 model with that layer replaced by nn.Identity.
 
 A net's trunk is a sequence of blocks, the unit `specialists.branch_at` shares: an MLP's hidden layers, the
-CNN's four stages, the ResNet's three (the stem with the first); any other model's whole trunk is one block.
-`front(x, k)` runs the first k blocks, `back(h, k)` the rest and the head: back(front(x, k), k) = net(x).
+CNN's four stages, the ResNet's three (the stem with the first); any other model's whole trunk is one block,
+and it can be cut after a named module instead (`split_at`: `layer3` of a torchvision ResNet).
+`front(x, k)` runs the first k blocks (or the trunk up to module k), `back(h, k)` the rest and the head:
+back(front(x, k), k) = net(x).
 
 Inputs are float images in [0, 1], shaped (N, C, H, W); each net normalises them with per-channel
 statistics of its training data, kept as buffers so that saved weights are self-contained. Gray images
@@ -52,13 +54,22 @@ class Net(nn.Module):
         self.model_channels = model_channels or in_channels
         self.head_path = head_path
         self.block_ends = block_ends
+        self._splits: dict[str, tuple[nn.Module, nn.Module]] = {}  # split_at's graphs, by module name
 
     @property
     def num_blocks(self) -> int:
         return 1 if self.block_ends is None else len(self.block_ends)
 
-    def blocks(self, k: int) -> tuple[nn.Module, nn.Module]:
-        """The trunk's first `k` blocks and the rest, as two modules (sharing this net's layers)."""
+    def blocks(self, k: int | str) -> tuple[nn.Module, nn.Module]:
+        """The trunk's first `k` blocks and the rest, as two modules (sharing this net's layers). A name
+        `k` cuts a net that is not built in after that module of its model (`split_at`)."""
+        if isinstance(k, str):
+            if self.block_ends is not None:
+                raise ValueError(f"a built-in net is cut after a number of blocks (0 to {self.num_blocks}), not "
+                                 f"after a module name ({k!r})")
+            if k not in self._splits:
+                self._splits[k] = split_at(self.trunk, k)
+            return self._splits[k]
         if not 0 <= k <= self.num_blocks:
             raise ValueError(f"this net has {self.num_blocks} blocks; {k} asked for")
         if self.block_ends is None:
@@ -73,6 +84,12 @@ class Net(nn.Module):
     def back(self, h: torch.Tensor, k: int) -> torch.Tensor:
         """The logits from `front(x, k)`: the blocks after the first `k`, then the head."""
         return self.head(self.blocks(k)[1](h))
+
+    def _apply(self, fn, recurse=True):
+        """.to(), .half() and the like, after which `split_at`'s graphs are traced again: a graph keeps the
+        tensors it reads by attribute as they were."""
+        self._splits.clear()
+        return super()._apply(fn, recurse)
 
     def _normalised(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std
@@ -92,6 +109,56 @@ class Net(nn.Module):
         mean, std = channel_stats(images)
         self.input_mean.copy_(mean)
         self.input_std.copy_(std.clamp_min(1e-3))
+
+
+def split_at(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
+    """`model` cut after its module `path` (a name of `named_modules()`) into two torch.fx graphs that share
+    its layers: the model up to that module's output, and the rest, which takes that output. A ValueError
+    where there is no such module, it does not run exactly once, the model cannot be traced, or a layer
+    after it also reads something computed before it (a skip connection across the cut)."""
+    from torch import fx
+
+    names = [name for name, _ in model.named_modules() if name]
+    if path not in names:
+        close = difflib.get_close_matches(path, names, n=3)
+        raise ValueError(f"the model has no module {path!r}" + (f" (did you mean {', '.join(close)}?)" if close
+                                                                else f" (its modules: {', '.join(names[:8])}, ...)"))
+
+    class Tracer(fx.Tracer):  # the module at `path` stays one call, whatever it holds
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname == path or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as e:
+        raise ValueError(f"the model cannot be cut: torch.fx cannot trace it ({type(e).__name__}: {e})") from None
+    nodes = list(graph.nodes)
+    calls = [n for n in nodes if n.op == "call_module" and n.target == path]
+    if len(calls) != 1:
+        raise ValueError(f"{path} runs {len(calls)} times in the model's forward pass; a cut needs a module that "
+                         "runs once")
+    cut = nodes.index(calls[0])
+    before = set(nodes[:cut])
+    for node in nodes[cut + 1:]:
+        early = [a for a in node.all_input_nodes if a in before and a.op != "get_attr"]
+        if early:
+            raise ValueError(f"{path} is not a place to cut the model: {node.target} after it also reads "
+                             f"{early[0].target}, from before it")
+    front, back = fx.Graph(), fx.Graph()
+    copied: dict[fx.Node, fx.Node] = {}
+    for node in nodes[:cut + 1]:
+        copied[node] = front.node_copy(node, copied.__getitem__)
+    front.output(copied[calls[0]])
+    later: dict[fx.Node, fx.Node] = {calls[0]: back.placeholder("h")}
+
+    def arg(node: fx.Node) -> fx.Node:  # a parameter read by attribute before the cut is read again after it
+        if node not in later:
+            later[node] = back.node_copy(node)
+        return later[node]
+
+    for node in nodes[cut + 1:]:
+        later[node] = back.node_copy(node, arg)
+    return fx.GraphModule(model, front, "Front"), fx.GraphModule(model, back, "Back")
 
 
 def build_net(cfg: NetConfig, input_shape: tuple[int, int, int], num_classes: int, key: str = "net") -> Net:

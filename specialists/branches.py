@@ -8,22 +8,26 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ensemble.config import NetConfig, SpecialistsConfig
+from ensemble.config import Config, NetConfig, SpecialistsConfig
 from ensemble.cost import multiply_adds, parameters
-from ensemble.data import Images
+from ensemble.data import Images, load_data
 from ensemble.metrics import active_table
-from ensemble.nets import Net, block_count
+from ensemble.nets import BUILT_IN, Net, block_count, build_net
 from ensemble.train import logit_batches
 
 
-def shared_blocks(cfg: SpecialistsConfig, generalist: NetConfig) -> int:
-    """How many of the generalist's blocks every specialist shares: `branch_at`, or all of them with
-    `freeze_trunk`; a ValueError naming the key where the settings cannot hold together."""
+def shared_blocks(cfg: SpecialistsConfig, generalist: NetConfig) -> int | str:
+    """How many of the generalist's blocks every specialist shares: `branch_at` (a number, or the module
+    of a torchvision or factory net after which it is cut), or all of them with `freeze_trunk`; a
+    ValueError naming the key where the settings cannot hold together."""
     count = block_count(generalist)
     if cfg.freeze_trunk and cfg.branch_at:
         raise ValueError(f"specialists.freeze_trunk shares all {count} blocks and specialists.branch_at "
                          f"{cfg.branch_at} some: set one of them")
-    if cfg.branch_at > count:
+    if isinstance(cfg.branch_at, str) and generalist.name in BUILT_IN:
+        raise ValueError(f"specialists.branch_at: the built-in net {generalist.name} is cut after a number of "
+                         f"blocks (0 to {count}), not after a module name ({cfg.branch_at!r})")
+    if isinstance(cfg.branch_at, int) and cfg.branch_at > count:
         raise ValueError(f"specialists.branch_at must be at most {count}, the blocks of generalist.net "
                          f"{generalist.name}" + (f" (depth {generalist.depth})" if generalist.name == "mlp" else "")
                          + f", got {cfg.branch_at}")
@@ -34,7 +38,20 @@ def shared_blocks(cfg: SpecialistsConfig, generalist: NetConfig) -> int:
     return count if cfg.freeze_trunk else cfg.branch_at
 
 
-def freeze_front(net: Net, k: int) -> None:
+def check_split(cfg: Config) -> None:
+    """A named `specialists.branch_at` is a place where the generalist's net can be cut (`split_at`): tried on
+    the net built for the data, before any stage runs."""
+    at = shared_blocks(cfg.specialists, cfg.generalist.net)
+    if not isinstance(at, str):
+        return
+    data = load_data(cfg.data)
+    try:
+        build_net(cfg.generalist.net, data.input_shape, data.num_classes, "generalist.net").blocks(at)
+    except ValueError as e:
+        raise ValueError(f"specialists.branch_at: {e}") from None
+
+
+def freeze_front(net: Net, k: int | str) -> None:
     """Train only what follows the first `k` blocks: theirs get no gradient and their batch-norm layers
     keep the generalist's running statistics (they stay in eval mode whatever `net.train()` asks)."""
     front = net.blocks(k)[0]
@@ -51,12 +68,12 @@ def own_net(specialist: nn.Module) -> Net:
     return getattr(specialist, "net", specialist)
 
 
-def front_macs(generalist: Net, k: int, input_shape: tuple[int, int, int]) -> int:
+def front_macs(generalist: Net, k: int | str, input_shape: tuple[int, int, int]) -> int:
     """The multiply-adds per example of the generalist's first `k` blocks, the part every specialist shares."""
     return multiply_adds(generalist, input_shape, forward=lambda x: generalist.front(x, k)) if k else 0
 
 
-def branch_costs(generalist: Net, specialists: Sequence[nn.Module], k: int,
+def branch_costs(generalist: Net, specialists: Sequence[nn.Module], k: int | str,
                  input_shape: tuple[int, int, int]) -> tuple[int, list[int]]:
     """The generalist's multiply-adds per example, and each specialist's own where all share the
     generalist's first `k` blocks: its blocks after them and its head (the whole specialist where k is 0)."""
@@ -82,7 +99,7 @@ def ensemble_multiply_adds(costs: tuple[int, list[int]], active_share: Sequence[
     return general + sum(share * macs for share, macs in zip(active_share, own))
 
 
-def ensemble_parameters(generalist: Net, specialists: Sequence[nn.Module], k: int) -> int:
+def ensemble_parameters(generalist: Net, specialists: Sequence[nn.Module], k: int | str) -> int:
     """The ensemble's parameters: the generalist's and each specialist's own (the shared blocks once)."""
     front = parameters(generalist.blocks(k)[0]) if k else 0
     return parameters(generalist) + sum(parameters(net) - front for net in specialists)

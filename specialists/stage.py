@@ -24,7 +24,7 @@ from ensemble.nets import BUILT_IN, load_net
 from ensemble.rundir import load_tensors, read_json, read_trained, save_trained, trained_metrics, write_json
 from ensemble.train import logit_batches, resolve_device
 
-from .branches import shared_blocks
+from .branches import check_split
 from .heads import make_head
 from .plots import plot_specialists
 from .sampling import in_subset_count
@@ -86,7 +86,7 @@ def check(cfg: Config) -> None:
     if width is not None and width < cfg.generalist.net.width:
         raise ValueError(f"specialists.width {width} is below the generalist's width {cfg.generalist.net.width}: "
                          "specialists start as the generalist, widened")
-    shared_blocks(cfg.specialists, cfg.generalist.net)
+    check_split(cfg)
     in_subset_count(cfg.specialists.in_subset_fraction, cfg.specialists.train.batch_size)
     if cfg.specialists.train.workers != 1:
         raise ValueError(f"specialists.train.workers must be 1, got {cfg.specialists.train.workers}: the specialists "

@@ -212,6 +212,8 @@ def test_bad_nets_stop_the_run_before_it_writes_anything(tmp_path, capsys):
          "distill_back.net.name: test_any_net:raising_factory(**{'num_classes': 6, 'input_shape': (3, 16, 16)}) "
          "raised RuntimeError: out of ideas"),
         (["specialists.width=64"], "specialists.width: widening is defined for the built-in nets"),
+        (["specialists.branch_at=layer5"], "specialists.branch_at: the model has no module 'layer5' (did you mean "
+                                           "layer4"),
         ([f"generalist.checkpoint={tmp_path}/none.safetensors"], "generalist.checkpoint: "),
         ([f"generalist.net.weights={tmp_path}/none.pth"], "generalist.net.weights: "),
     ]:
@@ -247,6 +249,27 @@ def test_the_pipeline_runs_a_torchvision_model_on_ray(tmp_path):
     report = json.loads((cfg.run_dir / "distill_back" / "report.json").read_text())
     macs = {r["system"]: r["multiply_adds"] for r in report["systems"]}
     assert macs["generalist"] == multiply_adds(build_net(cfg.generalist.net, (3, 16, 16), 6), (3, 16, 16))
+
+
+def test_branch_specialists_of_a_torchvision_model_share_it_up_to_a_named_module(tmp_path):
+    """`branch_at: layer3`: each specialist keeps the generalist's tensors up to layer3 and trains layer4 and its
+    head; the combiner runs the shared part once and counts the ensemble's cost as the shared part plus the
+    active branches."""
+    cfg, _ = _run_and_predict(tmp_path, _overrides(tmp_path, "torchvision:resnet18", "specialists.branch_at=layer3",
+                                                   "specialists.select_on_validation=false",
+                                                   "specialists.train.lr=0.01", "baselines.budgets=[]",
+                                                   "launch.backend=inline"))
+    specialist = load_tensors(cfg.run_dir / "specialists" / "m000" / "model.safetensors")
+    generalist = load_tensors(cfg.run_dir / "generalist" / "model.safetensors")
+    assert all(torch.equal(t, generalist[k]) for k, t in specialist.items() if k.startswith("trunk.layer3."))
+    assert not torch.equal(specialist["trunk.layer4.1.conv2.weight"], generalist["trunk.layer4.1.conv2.weight"])
+    combiner = Combiner.from_run(cfg.run_dir)
+    assert combiner.shared_blocks == "layer3"
+    net = build_net(cfg.generalist.net, (3, 16, 16), 6)
+    whole = multiply_adds(net, (3, 16, 16))
+    branch = whole - multiply_adds(net, (3, 16, 16), forward=lambda x: net.front(x, "layer3"))
+    evaluation = json.loads((cfg.run_dir / "combiner" / "eval.json").read_text())
+    assert whole < evaluation["ensemble_multiply_adds"] <= whole + 2 * branch  # 2 specialists, each active or not
 
 
 def test_the_pipeline_runs_a_users_factory_from_the_working_directory_on_ray(tmp_path, monkeypatch):

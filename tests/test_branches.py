@@ -2,6 +2,7 @@
 train only the blocks after them, and the Combiner runs the shared part once per example."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -45,6 +46,34 @@ def test_the_blocks_after_the_first_k_finish_what_the_first_k_began(name, depth,
     assert torch.equal(net.front(x, net.num_blocks), net.features(x))  # all the blocks: the trunk
     with pytest.raises(ValueError, match=f"this net has {net.num_blocks} blocks"):
         net.front(x, net.num_blocks + 1)
+
+
+def test_a_torchvision_net_is_cut_after_a_named_module():
+    """`branch_at: layer3` on a torchvision ResNet: the front runs the model up to layer3's output, the back
+    the rest; both share the net's layers (a copy's split runs the copy's), and a name that is no place to
+    cut is an error saying why."""
+    torch.manual_seed(0)
+    net = _with_statistics(build_net(NetConfig(name="torchvision:resnet18"), (3, 32, 32), 7))
+    x = torch.rand(3, 3, 32, 32)
+    for name in ("conv1", "layer1", "layer3", "layer4.1", "avgpool"):
+        assert torch.equal(net.back(net.front(x, name), name), net(x))
+    front, back = net.blocks("layer3")
+    assert net.front(x, "layer3").shape == (3, 256, 2, 2)
+    assert {id(p) for p in front.parameters()} == {id(p) for name, p in net.trunk.named_parameters()
+                                                    if name.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3")}
+    assert {id(p) for p in back.parameters()} == {id(p) for p in net.trunk.layer4.parameters()}
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.trunk.layer2[0].conv1.weight.mul_(2)
+    assert torch.equal(twin.back(twin.front(x, "layer3"), "layer3"), twin(x)) and not torch.equal(twin(x), net(x))
+    for name, message in [("layer5", "the model has no module 'layer5' (did you mean layer4"),
+                          ("layer3.0.conv1", "layer3.0.conv1 is not a place to cut the model: layer3.0.downsample.0 "
+                                             "after it also reads layer2.1.relu, from before it"),
+                          ("layer1.0.relu", "layer1.0.relu runs 2 times in the model's forward pass")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            net.blocks(name)
+    with pytest.raises(ValueError, match=re.escape("a built-in net is cut after a number of blocks (0 to 4)")):
+        build_net(NetConfig(name="cnn", width=4), (1, 16, 16), 7).blocks("trunk.3")
 
 
 def _images(n_per_class=60, classes=10):
@@ -145,6 +174,9 @@ def test_the_combiner_refuses_specialists_that_do_not_share_the_blocks_it_is_tol
     (["specialists.branch_at=1", "specialists.freeze_trunk=true"], "specialists.freeze_trunk shares all 1 blocks"),
     (["specialists.branch_at=1", "specialists.width=16"], "specialists.branch_at shares the generalist's blocks"),
     (["generalist.net.name=cnn", "specialists.branch_at=5"], "at most 4, the blocks of generalist.net cnn, got 5"),
+    (["generalist.net.name=cnn", "specialists.branch_at=trunk.3"], "specialists.branch_at: the built-in net cnn is "
+                                                                   "cut after a number of blocks (0 to 4), not after "
+                                                                   "a module name ('trunk.3')"),
 ])
 def test_branch_settings_that_cannot_hold_together_are_an_error_naming_the_key(overrides, message):
     cfg = load_config(None, ["generalist.net.width=8", *overrides])
