@@ -30,6 +30,8 @@ from ensemble.rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
+INFERENCE_STUDENT = ["distill_back.net=inference", "distill_back.train.epochs=auto", "distill_back.train.schedule=plateau",
+                     "distill_back.train.lr=2e-3", "distill_back.train.warmup_epochs=0.5"]
 VARIANTS = {  # name: overrides of the source run's config
     "reference": [],
     "T1_alpha0.5": ["distill_back.temperature=1", "distill_back.alpha=0.5"],
@@ -44,11 +46,11 @@ VARIANTS = {  # name: overrides of the source run's config
     "wide_student": ["distill_back.net={name: mlp, width: 16, depth: 1}", "distill_back.init=scratch",
                      "distill_back.train.epochs=30", "distill_back.train.lr=2e-3", "distill_back.train.warmup_epochs=0.5"],
     # issue 26: the equal-inference-cost net as the student, started as the generalist widened and trained
-    # to convergence with the generalist's recipe, at three weights of the hard labels (alpha 0: none of the ensemble)
-    **{f"inference_alpha{a}": ["distill_back.net=inference", "distill_back.train.epochs=auto",
-                               "distill_back.train.schedule=plateau", "distill_back.train.lr=2e-3",
-                               "distill_back.train.warmup_epochs=0.5", f"distill_back.alpha={a}"]
-       for a in (0.9, 0.5, 0.0)},
+    # to convergence with the generalist's recipe, at three weights of the hard labels (alpha 0: none of the
+    # ensemble), and at alpha 0.5 with two other temperatures
+    **{f"inference_alpha{a}": [*INFERENCE_STUDENT, f"distill_back.alpha={a}"] for a in (0.9, 0.5, 0.0)},
+    **{f"inference_T{t}_alpha0.5": [*INFERENCE_STUDENT, "distill_back.alpha=0.5", f"distill_back.temperature={t}"]
+       for t in (1, 4)},
 }
 CONTROLLED = {"reference", "wide_student"}  # the variants that also train the self-distilled control
 
