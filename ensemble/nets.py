@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .config import DataConfig, NetConfig
 from .data import Images, channel_stats, image_batches, load_data
@@ -116,8 +116,6 @@ def split_at(model: nn.Module, path: str) -> tuple[nn.Module, nn.Module]:
     its layers: the model up to that module's output, and the rest, which takes that output. A ValueError
     where there is no such module, it does not run exactly once, the model cannot be traced, or a layer
     after it also reads something computed before it (a skip connection across the cut)."""
-    from torch import fx
-
     names = [name for name, _ in model.named_modules() if name]
     if path not in names:
         close = difflib.get_close_matches(path, names, n=3)
