@@ -1,7 +1,7 @@
 """Do specialists pay at equal inference cost? Branch points and branch sizes against the three rivals.
 
     python bench/branches.py [--config default] [--seeds 0] [--variants whole b1 b1_h64 ...] [--students]
-                             [--name branches_default] [key=value ...]
+                             [--join NAME ...] [--name branches_default] [key=value ...]
 
 Per seed, one converged generalist (`generalist.train.epochs=auto`, `schedule=plateau`: trained until its
 validation top-1 stalls three times, its best epoch kept) and its clustering, in
@@ -15,11 +15,13 @@ Per run: test top-1 of the generalist, the ensemble and the three rivals; the en
 multiply-adds per example (the shared blocks once, the active branches) and the equal-inference-cost
 net's; the training compute in generalist epochs; the ensemble minus each rival with its paired standard
 error and the call. Results go to bench/results/NAME.{json,md}, and with several seeds the mean ± standard
-deviation of each variant to NAME_summary.{json,md}.
+deviation of each variant to NAME_summary.{json,md}. `--join NAME` adds the rows of an earlier result,
+bench/results/NAME.json (seeds run on another day), to the summary.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -52,9 +54,12 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--variants", nargs="+", default=["whole", "b1", "b1_h64"], choices=sorted(VARIANTS))
     p.add_argument("--students", action="store_true", help="also distil each ensemble into the inference-cost net")
+    p.add_argument("--join", nargs="+", default=[], metavar="NAME",
+                   help="earlier results (bench/results/NAME.json) whose rows join this run's in the summary")
     p.add_argument("--name", help="the results' file name (default: branches_CONFIG)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
+    joined = [row for name in args.join for row in _earlier_rows(name, args.config)]
     os.chdir(ROOT)  # the configs name their data relative to the repository root
     rows = []
     for seed in args.seeds:
@@ -74,8 +79,22 @@ def main() -> None:
             print(f"{args.config} seed {seed} {variant}: done", file=sys.stderr, flush=True)
     name = args.name or f"branches_{args.config}"
     write_results(name, rows, {"overrides": [*CONVERGED, *args.overrides]})
-    if len(args.seeds) > 1:
-        write_results(f"{name}_summary", [summary_row(v, [r for r in rows if r["variant"] == v]) for v in args.variants])
+    ran = {(r["seed"], r["variant"]) for r in rows}
+    every = [*(r for r in joined if (r["seed"], r["variant"]) not in ran), *rows]
+    if len({r["seed"] for r in every}) > 1:
+        write_results(f"{name}_summary", [summary_row(v, [r for r in every if r["variant"] == v])
+                                          for v in dict.fromkeys(r["variant"] for r in every)])
+
+
+def _earlier_rows(name: str, config: str) -> list[dict]:
+    """The rows of bench/results/NAME.json, which must be this script's results on `config`."""
+    path = ROOT / "bench" / "results" / f"{name}.json"
+    if not path.is_file():
+        sys.exit(f"--join {name}: no file {path}")
+    rows = json.loads(path.read_text())["rows"]
+    if not rows or any(r.get("config") != config or "variant" not in r for r in rows):
+        sys.exit(f"--join {name}: {path} holds no results of bench/branches.py --config {config}")
+    return rows
 
 
 def _config(config: str, name: str, seed: int, overrides: list[str]):
