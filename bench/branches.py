@@ -1,13 +1,14 @@
 """Do specialists pay at equal inference cost? Branch points and branch sizes against the three rivals.
 
     python bench/branches.py [--config default] [--seeds 0] [--variants whole b1 b1_h64 ...] [--students]
-                             [--join NAME ...] [--runs FOLDER] [--name branches_default] [key=value ...]
+                             [--join NAME] [--runs FOLDER] [--name branches_default] [key=value ...]
 
 Per seed, one converged generalist (`generalist.train.epochs=auto`, `schedule=plateau`: trained until its
 validation top-1 stalls three times, its best epoch kept) and its clustering, in
 bench/runs/branches/CONFIG/sSEED/base (`--runs FOLDER` for CONFIG: a config with overrides gets its own);
-per variant (VARIANTS: `specialists.branch_at` and `specialists.head_hidden`), a copy of it in .../VARIANT that runs the specialists, the baselines (equal
-training compute, equal wall clock, equal inference cost) and the combiner. A rerun resumes and skips
+per variant (VARIANTS: `specialists.branch_at` and `specialists.head_hidden`), a copy of it in .../VARIANT
+that runs the specialists, the baselines (equal training compute, equal wall clock, equal inference cost)
+and the combiner. A rerun resumes and skips
 what is done. `--students` also runs distill_back with the student at the ensemble's inference cost
 (`distill_back.net=inference`, started as the generalist widened).
 
@@ -16,7 +17,7 @@ multiply-adds per example (the shared blocks once, the active branches) and the 
 net's; the training compute in generalist epochs; the ensemble minus each rival with its paired standard
 error and the call. Results go to bench/results/NAME.{json,md}, and with several seeds the mean ± standard
 deviation of each variant to NAME_summary.{json,md}. `--join NAME` adds the rows of an earlier result,
-bench/results/NAME.json (seeds run on another day), to the summary.
+bench/results/NAME.json (seeds run on another day, with the same config and overrides), to the summary.
 """
 from __future__ import annotations
 
@@ -54,13 +55,13 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--variants", nargs="+", default=["whole", "b1", "b1_h64"], choices=sorted(VARIANTS))
     p.add_argument("--students", action="store_true", help="also distil each ensemble into the inference-cost net")
-    p.add_argument("--join", nargs="+", default=[], metavar="NAME",
-                   help="earlier results (bench/results/NAME.json) whose rows join this run's in the summary")
+    p.add_argument("--join", action="append", default=[], metavar="NAME",
+                   help="an earlier result (bench/results/NAME.json) whose rows join this run's in the summary; repeatable")
     p.add_argument("--runs", help="the runs' folder under bench/runs/branches (default: CONFIG)")
     p.add_argument("--name", help="the results' file name (default: branches_CONFIG)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
-    joined = [row for name in args.join for row in _earlier_rows(name, args.config)]
+    joined = [row for name in args.join for row in _earlier_rows(name, args.config, [*CONVERGED, *args.overrides])]
     os.chdir(ROOT)  # the configs name their data relative to the repository root
     rows = []
     for seed in args.seeds:
@@ -87,14 +88,17 @@ def main() -> None:
                                           for v in dict.fromkeys(r["variant"] for r in every)])
 
 
-def _earlier_rows(name: str, config: str) -> list[dict]:
-    """The rows of bench/results/NAME.json, which must be this script's results on `config`."""
+def _earlier_rows(name: str, config: str, overrides: list[str]) -> list[dict]:
+    """The rows of bench/results/NAME.json, which must be this script's results on `config` with `overrides`."""
     path = ROOT / "bench" / "results" / f"{name}.json"
     if not path.is_file():
         sys.exit(f"--join {name}: no file {path}")
-    rows = json.loads(path.read_text())["rows"]
+    record = json.loads(path.read_text())
+    rows = record["rows"]
     if not rows or any(r.get("config") != config or "variant" not in r for r in rows):
         sys.exit(f"--join {name}: {path} holds no results of bench/branches.py --config {config}")
+    if record.get("overrides") != overrides:
+        sys.exit(f"--join {name}: its runs had the overrides {record.get('overrides')}, these have {overrides}")
     return rows
 
 
