@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["whole", "b1", "b1_h64"], choices=sorted(VARIANTS))
     p.add_argument("--students", action="store_true", help="also distil each ensemble into the inference-cost net")
     p.add_argument("--join", action="append", default=[], metavar="NAME",
-                   help="an earlier result (bench/results/NAME.json) whose rows join this run's in the summary; repeatable")
+                   help="an earlier result (bench/results/NAME.json) whose rows join the summary; repeatable")
     p.add_argument("--runs", help="the runs' folder under bench/runs/branches (default: CONFIG)")
     p.add_argument("--name", help="the results' file name (default: branches_CONFIG)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
