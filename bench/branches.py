@@ -13,8 +13,8 @@ what is done. `--students` also runs distill_back with the student at the ensemb
 
 Per run: test top-1 of the generalist, the ensemble and the three rivals; the ensemble's test
 multiply-adds per example (the shared blocks once, the active branches) and the equal-inference-cost
-net's; the training compute in generalist epochs; the ensemble minus each rival with its paired standard
-error and the call. Results go to bench/results/NAME.{json,md}, and with several seeds the mean ± standard
+net's; the training compute in generalist epochs; the ensemble minus the generalist and each rival with
+its paired standard error and the call. Results go to bench/results/NAME.{json,md}, and with several seeds the mean ± standard
 deviation of each variant to NAME_summary.{json,md}. `--join NAME` adds the rows of an earlier result,
 bench/results/NAME.json (seeds run on another day, with the same config and overrides), to the summary.
 """
@@ -125,6 +125,7 @@ def run_row(config: str, seed: int, variant: str, run_dir: Path) -> dict:
         "inference_net": (f"{rivals['inference']['net']['name']} w{rivals['inference']['net']['width']} "
                           f"d{rivals['inference']['net']['depth']}") if "inference" in rivals else None,
         "training_epochs": round(baselines["budget_epochs"]["compute"], 1),
+        "vs_generalist": _call(evaluation["comparisons"][0]),
         **{f"vs_{budget}": _call(calls.get(title)) for budget, title in RIVALS.items()},
         "verdict": evaluation["verdict"],
     }
@@ -135,15 +136,16 @@ def run_row(config: str, seed: int, variant: str, run_dir: Path) -> dict:
 
 
 def summary_row(variant: str, runs: list[dict]) -> dict:
-    """Mean ± standard deviation over the seeds of each accuracy (in %) and of the ensemble minus each
-    rival; the calls, counted."""
+    """Mean ± standard deviation over the seeds of each accuracy (in %) and of the ensemble minus the
+    generalist and each rival; the calls, counted."""
     row = {"variant": variant, "seeds": len(runs)}
     for key in ("generalist", "ensemble", *RIVALS, "ensemble_macs", "inference_macs"):
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = _mean_std(values, 0 if key.endswith("macs") else 2)
-    for budget in RIVALS:
-        parts = [r[f"vs_{budget}"] for r in runs if r[f"vs_{budget}"]]
-        row[f"ensemble_minus_{budget}"] = _mean_std([float(p.split(" ± ")[0]) for p in parts], 2)
+    for budget in ("generalist", *RIVALS):  # rows of older results may lack the comparison with the generalist
+        parts = [r[f"vs_{budget}"] for r in runs if r.get(f"vs_{budget}")]
+        row[f"ensemble_minus_{budget}"] = _mean_std([float(p.split(" ± ")[0]) for p in parts], 2) + (
+            f" ({len(parts)} of {len(runs)} seeds)" if 0 < len(parts) < len(runs) else "")
         row[f"calls_vs_{budget}"] = ", ".join(f"{c}: {sum(c in p for p in parts)}"
                                               for c in dict.fromkeys(p.split("(")[1].rstrip(")") for p in parts))
     return row
