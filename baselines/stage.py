@@ -107,7 +107,8 @@ def train_baseline(job: Budget, checkpoint: bytes | None, store: Store, device: 
     """A launcher task: the generalist's net trained for `job.epochs` with the generalist's recipe (on its
     Ray Train workers, checkpoints in `storage`), afresh or on from `start` (an imported generalist's
     weights); returns its weights, history, test predictions and metrics. A budget is a number of epochs:
-    under the generalist's `epochs: auto` a baseline runs them all, its schedule spanning them."""
+    under the generalist's `epochs: auto` a baseline runs them all, its schedule spanning them, and under
+    `schedule: plateau` it keeps its best epoch on validation, as the generalist does."""
     data.check_readable()
     train = dataclasses.replace(cfg.generalist.train, epochs=job.epochs)
     shape, classes = data.input_shape, data.num_classes

@@ -115,7 +115,8 @@ class TrainConfig:
     weight_decay: float = field(default=5e-4, metadata=at_least(0))
     schedule: Literal["cosine", "constant", "plateau"] = "cosine"  # after the warm-up: cosine decay to zero over
     #   the epochs, constant, or constant divided by 10 each time the validation top-1 stalls for `patience`
-    #   epochs, twice at most (with epochs: auto it then stops at the third stall: a converged net)
+    #   epochs, twice at most, keeping the best epoch's weights (with epochs: auto it then stops at the third
+    #   stall: a converged net)
     warmup_epochs: float = field(default=0.5, metadata=at_least(0))
     label_smoothing: float = field(default=0.0, metadata=between(0, 1, high_open=True))
     augment: Literal["none", "shift", "affine"] = "shift"

@@ -8,8 +8,9 @@ loss and accuracy, one printed line per epoch, and `<workdir>/metrics.jsonl`.
 
 `epochs: auto` trains until the validation top-1 stops improving (`plateau`: `patience` epochs without a
 new best, at most `max_epochs`) and keeps the best epoch's weights; `schedule: plateau` divides the
-learning rate by 10 at a stall instead, LR_DROPS times, before that. Both are decided from the metric
-history alone, so a resumed training decides as an uninterrupted one.
+learning rate by 10 at a stall instead, LR_DROPS times, before that, and also keeps the best epoch's weights
+when it runs a fixed number of epochs. Both are decided from the metric history alone, so a resumed training
+decides as an uninterrupted one.
 
 The same loop trains data-parallel when it runs in each process of a torch.distributed group (Ray
 Train's workers, `ensemble.parallel`): every process takes its disjoint share of each global batch of
@@ -155,7 +156,7 @@ def fit(
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         state = plateau(history, cfg)
-        if cfg.epochs == "auto" and state.best_epoch == epoch + 1:
+        if validated(cfg) and state.best_epoch == epoch + 1:
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if state.drops != drops[0]:
             drops[0] = state.drops
@@ -176,7 +177,7 @@ def fit(
             print(f"{desc} epoch {epoch + 1}/{of}: " + "  ".join(
                 f"{k} {v}" if isinstance(v, int | str) else f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
                 flush=True)
-    if cfg.epochs == "auto":
+    if validated(cfg):
         model.load_state_dict(best)
         if rank == 0:
             print(f"{desc}: stopped after {len(history)} epochs; the best, epoch {plateau(history, cfg).best_epoch}, "
@@ -225,8 +226,9 @@ def plateau(history: list[dict], cfg: TrainConfig) -> Plateau:
 
 
 def kept_epoch(history: list[dict], cfg: TrainConfig) -> int:
-    """The epoch whose weights a finished training keeps: the best under `epochs: auto`, else the last."""
-    return plateau(history, cfg).best_epoch if cfg.epochs == "auto" else len(history)
+    """The epoch whose weights a finished training keeps: the best on validation where the training follows
+    it (`epochs: auto`, `schedule: plateau`), else the last."""
+    return plateau(history, cfg).best_epoch if validated(cfg) else len(history)
 
 
 def epochs_text(cfg: TrainConfig) -> str:
@@ -250,11 +252,11 @@ def training_key(cfg: TrainConfig, seed: int, n: int, targets: Targets) -> str:
 
 def finished_history(model: nn.Module, path: Path, key: str, cfg: TrainConfig) -> list[dict] | None:
     """The history of the training whose checkpoint at `path` under `key` has `finished`, its weights (the
-    best epoch's under `epochs: auto`) loaded into `model`; None where there is no such checkpoint."""
+    best epoch's where the training follows its validation top-1) loaded into `model`; None where there is no such checkpoint."""
     ckpt = load_checkpoint(path)
     if ckpt is None or ckpt.get("key") != key or not finished(ckpt["history"], cfg):
         return None
-    model.load_state_dict(ckpt["best"] if cfg.epochs == "auto" else ckpt["model"])
+    model.load_state_dict(ckpt["best"] if validated(cfg) else ckpt["model"])
     return list(ckpt["history"])
 
 
@@ -456,7 +458,7 @@ def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen,
             rank: int = 0) -> tuple[int, list[dict], dict | None]:
     """Restore everything from the checkpoint at `path` if it belongs to this training; else start at 0.
     A data-parallel checkpoint holds every process's RNG state; process `rank` takes its own. Also the
-    best epoch's weights where `epochs: auto` keeps them."""
+    best epoch's weights where the training follows its validation top-1."""
     ckpt = load_checkpoint(path)
     if ckpt is None:
         return 0, [], None

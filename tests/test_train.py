@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from ensemble.config import NetConfig, TrainConfig
 from ensemble.nets import build_net
 from ensemble.rundir import CHECKPOINT
-from ensemble.train import LR_DROPS, _lr_lambda, augment, finished_history, fit, plateau, training_key
+from ensemble.train import (LR_DROPS, _lr_lambda, augment, finished_history, fit, kept_epoch, plateau,
+                            training_key)
 
 CPU = torch.device("cpu")
 
@@ -254,14 +255,25 @@ def test_an_interrupted_auto_training_resumes_to_the_same_stop_and_weights(tmp_p
     assert all(torch.equal(wf[k], wr[k]) for k in wf)
 
 
-def test_plateau_schedule_divides_the_learning_rate_by_ten_at_each_stall(tmp_path):
+def test_plateau_schedule_divides_the_learning_rate_by_ten_at_each_stall_and_keeps_the_best_epoch(tmp_path):
     x, y = _problem()
     cfg = TrainConfig(epochs=10, patience=2, batch_size=16, augment="none", lr=1e-2, warmup_epochs=0,
                       schedule="plateau")
-    hist = fit(_net(), x, y, cfg, tmp_path, seed=0, device=CPU, val=_noisy_val())
+    snapshots = {}
+    net = _net()
+    hist = fit(net, x, y, cfg, tmp_path, seed=0, device=CPU, val=_noisy_val(),
+               on_epoch=lambda h: snapshots.update({len(h): _weights(net)}))
     for n in range(1, len(hist) + 1):  # each epoch's last step ran at the rate its history up to then set
         assert hist[n - 1]["lr"] == pytest.approx(1e-2 * 0.1 ** plateau(hist[:n - 1], cfg).drops)
     assert plateau(hist, cfg).drops >= 1
+    # it runs all its epochs and, following the validation top-1, keeps the best epoch's weights, not the last
+    best = kept_epoch(hist, cfg)
+    assert len(hist) == cfg.epochs and best == plateau(hist, cfg).best_epoch < len(hist)
+    final = _weights(net)
+    assert all(torch.equal(snapshots[best][k], final[k]) for k in final)
+    again = _net(seed=7)
+    assert finished_history(again, tmp_path / CHECKPOINT, training_key(cfg, 0, len(x), y), cfg) == hist
+    assert all(torch.equal(v, final[k]) for k, v in _weights(again).items())
 
 
 def test_auto_without_validation_images_is_an_error_naming_it(tmp_path):
