@@ -8,9 +8,9 @@ loss and accuracy, one printed line per epoch, and `<workdir>/metrics.jsonl`.
 
 `epochs: auto` trains until the validation top-1 stops improving (`plateau`: `patience` epochs without a
 new best, at most `max_epochs`) and keeps the best epoch's weights; `schedule: plateau` divides the
-learning rate by 10 at a stall instead, LR_DROPS times, before that, and also keeps the best epoch's weights
-when it runs a fixed number of epochs. Both are decided from the metric history alone, so a resumed training
-decides as an uninterrupted one.
+learning rate by 10 at a stall instead, LR_DROPS times, before that, and also keeps the best epoch's
+weights when it runs a fixed number of epochs. Both are decided from the metric history alone, so a resumed
+training decides as an uninterrupted one.
 
 The same loop trains data-parallel when it runs in each process of a torch.distributed group (Ray
 Train's workers, `ensemble.parallel`): every process takes its disjoint share of each global batch of
@@ -107,7 +107,8 @@ def fit(
     torch.manual_seed(seed + rank)  # the model's own randomness (dropout): rank 0 as one process would
 
     key = training_key(cfg, seed, len(x), targets)
-    start, history, best = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen, rank)
+    start, history, best = _resume(workdir / CHECKPOINT, key, model, optimizer, schedule, scaler, gen, rank,
+                                   keeps_best=validated(cfg))
     drops[0] = plateau(history, cfg).drops
     net = _data_parallel(model, device) if world > 1 else model
     cap, of = epoch_cap(cfg), f"{epoch_cap(cfg)}{' at most' if cfg.epochs == 'auto' else ''}"
@@ -252,12 +253,21 @@ def training_key(cfg: TrainConfig, seed: int, n: int, targets: Targets) -> str:
 
 def finished_history(model: nn.Module, path: Path, key: str, cfg: TrainConfig) -> list[dict] | None:
     """The history of the training whose checkpoint at `path` under `key` has `finished`, its weights (the
-    best epoch's where the training follows its validation top-1) loaded into `model`; None where there is no such checkpoint."""
+    best epoch's where the training follows its validation top-1) loaded into `model`; None where there is
+    no such checkpoint."""
     ckpt = load_checkpoint(path)
     if ckpt is None or ckpt.get("key") != key or not finished(ckpt["history"], cfg):
         return None
+    if _lacks_best(ckpt, validated(cfg)):
+        return None
     model.load_state_dict(ckpt["best"] if validated(cfg) else ckpt["model"])
     return list(ckpt["history"])
+
+
+def _lacks_best(ckpt: dict, keeps_best: bool) -> bool:
+    """Whether a checkpoint of a training that keeps its best epoch has none: one written before fixed-epoch
+    `schedule: plateau` trainings kept it (`epochs: auto` always has one after its first epoch)."""
+    return keeps_best and bool(ckpt["history"]) and "best" not in ckpt
 
 
 def _process_group(cfg: TrainConfig) -> tuple[int, int]:
@@ -454,17 +464,19 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen,
-            rank: int = 0) -> tuple[int, list[dict], dict | None]:
+def _resume(path: Path, key: str, model, optimizer, schedule, scaler, gen, rank: int = 0,
+            keeps_best: bool = False) -> tuple[int, list[dict], dict | None]:
     """Restore everything from the checkpoint at `path` if it belongs to this training; else start at 0.
     A data-parallel checkpoint holds every process's RNG state; process `rank` takes its own. Also the
-    best epoch's weights where the training follows its validation top-1."""
+    best epoch's weights where the training `keeps_best` (it follows its validation top-1)."""
     ckpt = load_checkpoint(path)
     if ckpt is None:
         return 0, [], None
-    if ckpt.get("key") != key:
+    if ckpt.get("key") != key or _lacks_best(ckpt, keeps_best):
         if rank == 0:
-            print(f"{path} belongs to another training (config, seed or data differ): starting afresh", flush=True)
+            why = ("config, seed or data differ" if ckpt.get("key") != key
+                   else "written before a fixed-epoch plateau training kept its best epoch")
+            print(f"{path} belongs to another training ({why}): starting afresh", flush=True)
         return 0, [], None
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])

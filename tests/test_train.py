@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ensemble.config import NetConfig, TrainConfig
 from ensemble.nets import build_net
-from ensemble.rundir import CHECKPOINT
+from ensemble.rundir import CHECKPOINT, load_checkpoint, save_checkpoint
 from ensemble.train import (LR_DROPS, _lr_lambda, augment, finished_history, fit, kept_epoch, plateau,
                             training_key)
 
@@ -274,6 +274,15 @@ def test_plateau_schedule_divides_the_learning_rate_by_ten_at_each_stall_and_kee
     again = _net(seed=7)
     assert finished_history(again, tmp_path / CHECKPOINT, training_key(cfg, 0, len(x), y), cfg) == hist
     assert all(torch.equal(v, final[k]) for k, v in _weights(again).items())
+    # a checkpoint from before this rule has no best weights: not taken as finished, and trained again
+    old = load_checkpoint(tmp_path / CHECKPOINT)
+    del old["best"]
+    save_checkpoint(tmp_path / CHECKPOINT, old)
+    assert finished_history(_net(seed=7), tmp_path / CHECKPOINT, training_key(cfg, 0, len(x), y), cfg) is None
+    redone = _net()
+    again_hist = fit(redone, x, y, cfg, tmp_path, seed=0, device=CPU, val=_noisy_val())
+    assert [r["train_loss"] for r in again_hist] == [r["train_loss"] for r in hist]  # all its epochs, afresh
+    assert all(torch.equal(v, final[k]) for k, v in _weights(redone).items())
 
 
 def test_auto_without_validation_images_is_an_error_naming_it(tmp_path):
