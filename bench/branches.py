@@ -14,21 +14,21 @@ what is done. `--students` also runs distill_back with the student at the ensemb
 Per run: test top-1 of the generalist, the ensemble and the three rivals; the ensemble's test
 multiply-adds per example (the shared blocks once, the active branches) and the equal-inference-cost
 net's; the training compute in generalist epochs; the ensemble minus the generalist and each rival with
-its paired standard error and the call. Results go to bench/results/NAME.{json,md}, and with several seeds the mean ± standard
-deviation of each variant to NAME_summary.{json,md}. `--join NAME` adds the rows of an earlier result,
-bench/results/NAME.json (seeds run on another day, with the same config and overrides), to the summary.
+its paired standard error and the call. Results go to bench/results/NAME.{json,md}, and with several
+seeds the mean ± standard deviation of each variant to NAME_summary.{json,md}. `--join NAME` adds the
+rows of an earlier result, bench/results/NAME.json (seeds run on another day, with the same config and
+overrides), to the summary.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
-from common import bench_config, write_results
+from common import RESULTS, bench_config, write_results
 
 from ensemble.layout import RunDir
 from ensemble.pipeline import run_pipeline
@@ -88,10 +88,10 @@ def main() -> None:
 
 def _earlier_rows(name: str, config: str, overrides: list[str]) -> list[dict]:
     """The rows of bench/results/NAME.json, which must be this script's results on `config` with `overrides`."""
-    path = ROOT / "bench" / "results" / f"{name}.json"
+    path = RESULTS / f"{name}.json"
     if not path.is_file():
         sys.exit(f"--join {name}: no file {path}")
-    record = json.loads(path.read_text())
+    record = read_json(path)
     rows = record["rows"]
     if not rows or any(r.get("config") != config or "variant" not in r for r in rows):
         sys.exit(f"--join {name}: {path} holds no results of bench/branches.py --config {config}")
