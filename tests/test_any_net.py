@@ -236,6 +236,7 @@ def _run_and_predict(tmp_path, overrides):
     return cfg, summaries
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_a_torchvision_model_on_ray(tmp_path):
     """torchvision's resnet18 (random init) as generalist, specialists with a frozen trunk and a head of
     their own, baselines and student; the specialists and baselines as Ray tasks."""

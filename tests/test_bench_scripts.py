@@ -19,6 +19,7 @@ def test_bench_script_imports(script, monkeypatch):
     assert script == "common.py" or callable(module.main)
 
 
+@pytest.mark.slow
 def test_the_gpu_check_says_there_is_no_gpu_and_passes_its_checks_on_the_cpu(monkeypatch, tmp_path, capsys):
     """bench/gpu_check.py: without CUDA it exits 0 saying so; `--device cpu` runs its pipeline on a
     streamed folder and every check, expecting the CPU."""

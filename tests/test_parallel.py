@@ -119,6 +119,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(local_ray, 
     assert [r["epoch"] for r in history] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_the_pipeline_trains_its_generalist_baselines_and_student_on_two_workers(tmp_path, capfd):
     """`ensemble run` with generalist.train.workers=2 (the baselines follow it) and
     distill_back.train.workers=2 on the local Ray cluster: every stage done, the driver wrote each

@@ -109,6 +109,7 @@ def _stop(node: subprocess.Popen) -> None:
             continue
 
 
+@pytest.mark.slow
 def test_submitted_pipeline_runs_specialists_and_training_workers_on_both_nodes(cluster, tmp_path):
     address, env, _ = cluster
     project = tmp_path / "project"  # what a user submits: a folder with their config
