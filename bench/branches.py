@@ -1,11 +1,12 @@
 """Do specialists pay at equal inference cost? Branch points and branch sizes against the three rivals.
 
     python bench/branches.py [--config default] [--seeds 0] [--variants whole b1 b1_h64 ...] [--students]
-                             [--join NAME] [--name branches_default] [key=value ...]
+                             [--join NAME] [--runs FOLDER] [--name branches_default] [key=value ...]
 
 Per seed, one converged generalist (`generalist.train.epochs=auto`, `schedule=plateau`: trained until its
 validation top-1 stalls three times, its best epoch kept) and its clustering, in
-bench/runs/branches/CONFIG/sSEED/base; per variant (VARIANTS: `specialists.branch_at` and
+bench/runs/branches/CONFIG/sSEED/base (`--runs FOLDER` for CONFIG: overrides that change the generalist
+need a folder of their own); per variant (VARIANTS: `specialists.branch_at` and
 `specialists.head_hidden`), a copy of it in .../VARIANT that runs the specialists, the baselines (equal
 training compute, equal wall clock, equal inference cost) and the combiner. A rerun resumes and skips
 what is done. `--students` also runs distill_back with the student at the ensemble's inference cost
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--students", action="store_true", help="also distil each ensemble into the inference-cost net")
     p.add_argument("--join", action="append", default=[], metavar="NAME",
                    help="an earlier result (bench/results/NAME.json) whose rows join the summary; repeatable")
+    p.add_argument("--runs", help="the runs' folder under bench/runs/branches (default: CONFIG)")
     p.add_argument("--name", help="the results' file name (default: branches_CONFIG)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
     os.chdir(ROOT)  # the configs name their data relative to the repository root
     rows = []
     for seed in args.seeds:
-        folder = f"branches/{args.config}/s{seed}"
+        folder = f"branches/{args.runs or args.config}/s{seed}"
         base = _config(args.config, f"{folder}/base", seed, [*CONVERGED, *args.overrides])
         for stage in ("generalist", "cluster"):
             run_pipeline(base, only=stage)
