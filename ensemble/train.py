@@ -256,9 +256,8 @@ def finished_history(model: nn.Module, path: Path, key: str, cfg: TrainConfig) -
     best epoch's where the training follows its validation top-1) loaded into `model`; None where there is
     no such checkpoint."""
     ckpt = load_checkpoint(path)
-    if ckpt is None or ckpt.get("key") != key or not finished(ckpt["history"], cfg):
-        return None
-    if _lacks_best(ckpt, validated(cfg)):
+    if (ckpt is None or ckpt.get("key") != key or not finished(ckpt["history"], cfg)
+            or _lacks_best(ckpt, validated(cfg))):
         return None
     model.load_state_dict(ckpt["best"] if validated(cfg) else ckpt["model"])
     return list(ckpt["history"])
