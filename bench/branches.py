@@ -15,7 +15,8 @@ what is done. `--students` also runs distill_back with the student at the ensemb
 Per run: test top-1 of the generalist, the ensemble and the three rivals; the ensemble's test
 multiply-adds per example (the shared blocks once, the active branches) and the equal-inference-cost
 net's; the training compute in generalist epochs; the ensemble minus the generalist and each rival with
-its paired standard error and the call. Results go to bench/results/NAME.{json,md}, and with several
+its paired standard error and the call; where the generalist and that net first divided their learning rate,
+and their best validation top-1. Results go to bench/results/NAME.{json,md}, and with several
 seeds the mean ± standard deviation of each variant to NAME_summary.{json,md}. `--join NAME` adds the
 rows of an earlier result, bench/results/NAME.json (seeds run on another day, with the same config and
 overrides), to the summary.
@@ -23,6 +24,7 @@ overrides), to the summary.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from common import RESULTS, bench_config, write_results
 
+from ensemble.config import Config
 from ensemble.layout import RunDir
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
@@ -77,7 +80,7 @@ def main() -> None:
                 shutil.copytree(base.run_dir, cfg.run_dir)
             for stage in ("specialists", "baselines", "combiner", *(["distill_back"] if args.students else [])):
                 run_pipeline(cfg, only=stage)
-            rows.append(run_row(args.config, seed, variant, cfg.run_dir))
+            rows.append(run_row(args.config, seed, variant, cfg))
             print(f"{args.config} seed {seed} {variant}: done", file=sys.stderr, flush=True)
     name = args.name or f"branches_{args.config}"
     write_results(name, rows, {"overrides": [*CONVERGED, *args.overrides]})
@@ -107,9 +110,10 @@ def _config(config: str, name: str, seed: int, overrides: list[str]):
                         [f"runs_dir={ROOT / 'bench' / 'runs'}", f"name={name}", f"seed={seed}", *overrides])
 
 
-def run_row(config: str, seed: int, variant: str, run_dir: Path) -> dict:
+def run_row(config: str, seed: int, variant: str, cfg: Config) -> dict:
     """One run's accuracies, costs and calls."""
-    paths = RunDir(run_dir)
+    paths = RunDir(cfg.run_dir)
+    plateau = cfg.generalist.train.schedule == "plateau"  # the rivals train with the generalist's recipe
     evaluation = read_json(paths.evaluation)
     baselines = read_json(paths.baselines_report)
     generalist = read_json(paths.generalist.metrics)
@@ -127,6 +131,8 @@ def run_row(config: str, seed: int, variant: str, run_dir: Path) -> dict:
         "inference_net": (f"{rivals['inference']['net']['name']} w{rivals['inference']['net']['width']} "
                           f"d{rivals['inference']['net']['depth']}") if "inference" in rivals else None,
         "training_epochs": round(baselines["budget_epochs"]["compute"], 1),
+        **_schedule("generalist", paths.generalist.history, plateau),
+        **(_schedule("inference", paths.baseline("inference").history, plateau) if "inference" in rivals else {}),
         "vs_generalist": _call(evaluation["comparisons"][0]),
         **{f"vs_{budget}": _call(calls.get(title)) for budget, title in RIVALS.items()},
         "verdict": evaluation["verdict"],
@@ -135,6 +141,14 @@ def run_row(config: str, seed: int, variant: str, run_dir: Path) -> dict:
         report = read_json(paths.distill_report)
         row["student_at_inference_cost"] = round(100 * report["student_top1"], 2)
     return row
+
+
+def _schedule(name: str, history: Path, plateau: bool) -> dict:
+    """Under `schedule: plateau`, where a training first divided its learning rate by ten (the first epoch at
+    the lower rate), which its validation set's noise decides; and its best validation top-1 (in %)."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    cut = next((i + 1 for i in range(1, len(rows)) if rows[i]["lr"] < rows[i - 1]["lr"] / 2), None) if plateau else None
+    return {f"{name}_first_cut": cut, f"{name}_best_val": round(100 * max(r["val_top1"] for r in rows), 1)}
 
 
 def summary_row(variant: str, runs: list[dict]) -> dict:
