@@ -24,14 +24,12 @@ overrides), to the summary.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from common import RESULTS, bench_config, write_results
+from common import RESULTS, bench_config, first_cut, mean_std, write_results
 
 from ensemble.config import Config
 from ensemble.layout import RunDir
@@ -131,8 +129,8 @@ def run_row(config: str, seed: int, variant: str, cfg: Config) -> dict:
         "inference_net": (f"{rivals['inference']['net']['name']} w{rivals['inference']['net']['width']} "
                           f"d{rivals['inference']['net']['depth']}") if "inference" in rivals else None,
         "training_epochs": round(baselines["budget_epochs"]["compute"], 1),
-        **_schedule("generalist", paths.generalist.history, plateau),
-        **(_schedule("inference", paths.baseline("inference").history, plateau) if "inference" in rivals else {}),
+        **first_cut("generalist", paths.generalist.history, plateau),
+        **(first_cut("inference", paths.baseline("inference").history, plateau) if "inference" in rivals else {}),
         "vs_generalist": _call(evaluation["comparisons"][0]),
         **{f"vs_{budget}": _call(calls.get(title)) for budget, title in RIVALS.items()},
         "verdict": evaluation["verdict"],
@@ -143,35 +141,20 @@ def run_row(config: str, seed: int, variant: str, cfg: Config) -> dict:
     return row
 
 
-def _schedule(name: str, history: Path, plateau: bool) -> dict:
-    """Under `schedule: plateau`, where a training first divided its learning rate by ten (the first epoch at
-    the lower rate), which its validation set's noise decides; and its best validation top-1 (in %)."""
-    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-    cut = next((i + 1 for i in range(1, len(rows)) if rows[i]["lr"] < rows[i - 1]["lr"] / 2), None) if plateau else None
-    return {f"{name}_first_cut": cut, f"{name}_best_val": round(100 * max(r["val_top1"] for r in rows), 1)}
-
-
 def summary_row(variant: str, runs: list[dict]) -> dict:
     """Mean ± standard deviation over the seeds of each accuracy (in %) and of the ensemble minus the
     generalist and each rival; the calls, counted."""
     row = {"variant": variant, "seeds": len(runs)}
     for key in ("generalist", "ensemble", *RIVALS, "ensemble_macs", "inference_macs"):
         values = [r[key] for r in runs if r.get(key) is not None]
-        row[key] = _mean_std(values, 0 if key.endswith("macs") else 2)
+        row[key] = mean_std(values, 0 if key.endswith("macs") else 2)
     for budget in ("generalist", *RIVALS):  # rows of older results may lack the comparison with the generalist
         parts = [r[f"vs_{budget}"] for r in runs if r.get(f"vs_{budget}")]
-        row[f"ensemble_minus_{budget}"] = _mean_std([float(p.split(" ± ")[0]) for p in parts], 2) + (
+        row[f"ensemble_minus_{budget}"] = mean_std([float(p.split(" ± ")[0]) for p in parts], 2) + (
             f" ({len(parts)} of {len(runs)} seeds)" if 0 < len(parts) < len(runs) else "")
         row[f"calls_vs_{budget}"] = ", ".join(f"{c}: {sum(c in p for p in parts)}"
                                               for c in dict.fromkeys(p.split("(")[1].rstrip(")") for p in parts))
     return row
-
-
-def _mean_std(values: list[float], digits: int) -> str:
-    if not values:
-        return ""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def _call(row: dict | None) -> str:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -110,6 +111,22 @@ def write_results(name: str, rows: list[dict], meta: dict | None = None) -> str:
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
     return table
+
+
+def first_cut(name: str, history: Path, plateau: bool) -> dict:
+    """Under `schedule: plateau`, where a training first divided its learning rate by ten (the first epoch at
+    the lower rate), which its validation set's noise decides; and its best validation top-1 (in %)."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    cut = next((i + 1 for i in range(1, len(rows)) if rows[i]["lr"] < rows[i - 1]["lr"] / 2), None) if plateau else None
+    return {f"{name}_first_cut": cut, f"{name}_best_val": round(100 * max(r["val_top1"] for r in rows), 1)}
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    """The mean ± sample standard deviation of `values` (0 for one), at `digits` decimals; "" for none."""
+    if not values:
+        return ""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def _fmt(v) -> str:

@@ -108,6 +108,9 @@ class TrainConfig:
     #   top-1 before `epochs: auto` stops, or `schedule: plateau` divides the learning rate by 10
     max_epochs: int = field(default=100, metadata={"neutral": 100, **at_least(1)})  # epochs: auto's cap, and the
     #   horizon of the cosine schedule under it
+    smooth_epochs: int = field(default=1, metadata={"neutral": 1, **at_least(1)})  # the stalls are counted on the
+    #   mean validation top-1 of the last this many epochs, so that one lucky epoch does not stall it (1: each
+    #   epoch's own); the kept epoch is still the best single one
     batch_size: int = field(default=128, metadata=at_least(1))
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr: float = field(default=2e-3, metadata=above(0))

@@ -9,7 +9,8 @@ loss and accuracy, one printed line per epoch, and `<workdir>/metrics.jsonl`.
 `epochs: auto` trains until the validation top-1 stops improving (`plateau`: `patience` epochs without a
 new best, at most `max_epochs`) and keeps the best epoch's weights; `schedule: plateau` divides the
 learning rate by 10 at a stall instead, LR_DROPS times, before that, and also keeps the best epoch's
-weights when it runs a fixed number of epochs. Both are decided from the metric history alone, so a resumed
+weights when it runs a fixed number of epochs; `smooth_epochs` counts the stalls on the mean of the last
+epochs' validation top-1 instead of each one's. Both are decided from the metric history alone, so a resumed
 training decides as an uninterrupted one.
 
 The same loop trains data-parallel when it runs in each process of a torch.distributed group (Ray
@@ -207,15 +208,20 @@ class Plateau:
 
 
 def plateau(history: list[dict], cfg: TrainConfig) -> Plateau:
-    """Replay `history`'s validation top-1: a stall is `patience` epochs without a strictly better one;
-    under `schedule: plateau` each of the first LR_DROPS stalls divides the learning rate by 10 and starts
-    the count again; under `epochs: auto` the next stall stops the training."""
+    """Replay `history`'s validation top-1: a stall is `patience` epochs without a strictly better one (its
+    mean over the last `smooth_epochs` epochs); under `schedule: plateau` each of the first LR_DROPS stalls
+    divides the learning rate by 10 and starts the count again; under `epochs: auto` the next stall stops
+    the training. The best epoch is the one of the highest single validation top-1."""
     if not validated(cfg):
         return Plateau(0, 0, False)
-    best, best_epoch, since, drops = -math.inf, 0, 0, 0
-    for row in history:
+    best, best_epoch, top, since, drops = -math.inf, 0, -math.inf, 0, 0
+    for i, row in enumerate(history):
         if row["val_top1"] > best:
-            best, best_epoch, since = row["val_top1"], row["epoch"], 0
+            best, best_epoch = row["val_top1"], row["epoch"]
+        recent = [r["val_top1"] for r in history[max(0, i + 1 - cfg.smooth_epochs):i + 1]]
+        level = sum(recent) / len(recent)
+        if level > top:
+            top, since = level, 0
         else:
             since += 1
         if since >= cfg.patience:
@@ -235,7 +241,8 @@ def kept_epoch(history: list[dict], cfg: TrainConfig) -> int:
 def epochs_text(cfg: TrainConfig) -> str:
     """How long a training runs, in words for its first line."""
     if cfg.epochs == "auto":
-        return f"epochs until the validation top-1 stalls for {cfg.patience} (at most {cfg.max_epochs})"
+        mean = f" (its mean over {cfg.smooth_epochs})" if cfg.smooth_epochs > 1 else ""
+        return f"epochs until the validation top-1{mean} stalls for {cfg.patience} (at most {cfg.max_epochs})"
     return f"{cfg.epochs} epochs"
 
 

@@ -44,13 +44,13 @@ def test_the_gpu_check_says_there_is_no_gpu_and_passes_its_checks_on_the_cpu(mon
     assert "all checks passed" in capsys.readouterr().out
 
 
-def test_branches_finds_where_the_plateau_schedule_first_cut_the_rate(tmp_path, monkeypatch):
+def test_the_benches_find_where_the_plateau_schedule_first_cut_the_rate(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import json
 
-    import branches
+    import common
     history = tmp_path / "metrics.jsonl"
     lrs, vals = [2e-3, 2e-3, 2e-4, 2e-4, 2e-5], [0.5, 0.61, 0.6, 0.72, 0.7]
     history.write_text("".join(json.dumps({"lr": lr, "val_top1": v}) + "\n" for lr, v in zip(lrs, vals)))
-    assert branches._schedule("g", history, plateau=True) == {"g_first_cut": 3, "g_best_val": 72.0}
-    assert branches._schedule("g", history, plateau=False) == {"g_first_cut": None, "g_best_val": 72.0}
+    assert common.first_cut("g", history, plateau=True) == {"g_first_cut": 3, "g_best_val": 72.0}
+    assert common.first_cut("g", history, plateau=False) == {"g_first_cut": None, "g_best_val": 72.0}

@@ -25,6 +25,7 @@ def test_defaults_file_and_overrides_stack(tmp_path):
     ("generalist.train.epochs=2.5", "'generalist.train.epochs' must be int"),
     ("generalist.train.amp=3", "'generalist.train.amp' must be bool"),
     ("generalist.train.lr=fast", "'generalist.train.lr' must be float, got 'fast'"),
+    ("generalist.train.smooth_epochs=0", "'generalist.train.smooth_epochs' must be >= 1"),
     ("data.source=mnist", "'data.source' must be one of"),
     ("baselines.budgets=[flops]", "'baselines.budgets[0]' must be one of"),
     ("data=3", "'data' must be a mapping"),
@@ -75,8 +76,8 @@ def test_an_option_at_its_neutral_value_leaves_the_hash_as_before_the_option_exi
 
     section = load_config().specialists
     before = {k: v for k, v in dataclasses.asdict(section).items() if k not in ("head_hidden", "branch_at")}
-    for later in ("workers", "patience", "max_epochs"):  # train.workers came later still, neutral at 1 (issue 24);
-        before["train"].pop(later)  # patience and max_epochs later again (issue 26)
+    for later in ("workers", "patience", "max_epochs", "smooth_epochs"):  # train.workers came later still, neutral at 1
+        before["train"].pop(later)  # (issue 24); patience, max_epochs and smooth_epochs later again (issue 26)
     assert config_hash(section) == config_hash(before)
     assert config_hash(load_config(None, ["specialists.head_hidden=16"]).specialists) != config_hash(before)
     assert json.loads(json.dumps(dataclasses.asdict(section)))["head_hidden"] == 0  # config.yaml still shows it

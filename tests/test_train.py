@@ -202,6 +202,26 @@ def test_plateau_replays_the_validation_curve():
     assert plateau(_history(curve), TrainConfig(epochs=9, patience=2)) == type(state)(0, 0, False)
 
 
+def test_smooth_epochs_lets_a_lucky_epoch_pass_and_still_stalls_on_a_flat_curve():
+    """One epoch far above the trend stalls the raw curve for `patience` epochs; the mean of the last
+    `smooth_epochs` epochs keeps rising with the trend, so it cuts nothing, and stalls where the curve goes
+    flat. The kept epoch is the best single one."""
+    curve = [0.50, 0.55, 0.75, 0.58, 0.60, 0.62, 0.64, 0.66, 0.66, 0.66, 0.66, 0.66, 0.66]  # epoch 3 lucky
+    raw = TrainConfig(epochs="auto", patience=4, schedule="plateau")
+    assert [plateau(_history(curve[:n]), raw).drops for n in (6, 7)] == [0, 1]  # epochs 4-7 stall below 0.75
+    smooth = TrainConfig(epochs="auto", patience=4, schedule="plateau", smooth_epochs=3)
+    means = [sum(curve[max(0, i - 2):i + 1]) / len(curve[max(0, i - 2):i + 1]) for i in range(len(curve))]
+    assert [round(m, 4) for m in means[3:9]] == [0.6267, 0.6433, 0.6, 0.62, 0.64, 0.6533]  # the lucky one leaves
+    # its window at epoch 6; the mean passes its high of epoch 5 (0.6433) at epoch 9, after 3 epochs below it
+    states = [plateau(_history(curve[:n]), smooth) for n in range(1, len(curve) + 1)]
+    assert [s.drops for s in states] == [0] * 13  # the mean's best is epoch 10's (0.66): no 4 epochs since
+    assert states[-1].best_epoch == 3  # the highest single epoch's weights are kept
+    longer = _history(curve + [0.66] * 2)  # epochs 11-14 tie epoch 10's mean: a stall at epoch 14
+    assert plateau(longer[:13], smooth).drops == 0 and plateau(longer[:14], smooth).drops == 1
+    same = TrainConfig(epochs="auto", patience=4, schedule="plateau", smooth_epochs=1)
+    assert all(plateau(_history(curve[:n]), same) == plateau(_history(curve[:n]), raw) for n in range(14))
+
+
 def _noisy_val(n=64):
     """Validation labels the net cannot learn: its validation top-1 wanders and stalls."""
     x, _ = _problem(n)
