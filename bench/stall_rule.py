@@ -1,6 +1,6 @@
 """Does a smoothed stall rule take the luck out of the plateau schedule? The generalist under each rule.
 
-    python bench/stall_rule.py [--config omniglot] [--seeds 0 1 2] --rules NAME=key=value,key=value ...
+    python bench/stall_rule.py [--config omniglot] [--seeds 0 1 2] --rule NAME=key=value,key=value [--rule ...]
                                [--runs FOLDER] [--name stall_rule_CONFIG] [key=value ...]
 
 Per rule and seed, the config's generalist trained to its plateau (`generalist.train.epochs=auto`,
@@ -30,14 +30,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="omniglot")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--rules", nargs="+", required=True, metavar="NAME=key=value,...",
-                   help="a rule's name and its overrides, comma-separated (NAME= alone: the overrides only)")
+    p.add_argument("--rule", action="append", required=True, metavar="NAME=key=value,...",
+                   help="a rule's name and its overrides, comma-separated (NAME=: the overrides only); repeatable")
     p.add_argument("--runs", help="the runs' folder under bench/runs/stall_rule (default: CONFIG)")
     p.add_argument("--name", help="the results' file name (default: stall_rule_CONFIG)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     rules = {}
-    for rule in args.rules:
+    for rule in args.rule:
         name, _, keys = rule.partition("=")
         rules[name] = [k for k in keys.split(",") if k]
     os.chdir(ROOT)  # the configs name their data relative to the repository root
