@@ -313,7 +313,12 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        _merge(raw, _nest(key.strip(), yaml.safe_load(value) if value.strip() else None), prefix="")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value of '{key.strip()}' is not valid YAML: {problem}") from None
+        _merge(raw, _nest(key.strip(), parsed), prefix="")
     return from_dict(Config, raw)
 
 

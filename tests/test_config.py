@@ -30,6 +30,7 @@ def test_defaults_file_and_overrides_stack(tmp_path):
     ("baselines.budgets=[flops]", "'baselines.budgets[0]' must be one of"),
     ("data=3", "'data' must be a mapping"),
     ("seed", "not of the form key=value"),
+    ('baselines.budgets=[compute]"', "the value of 'baselines.budgets' is not valid YAML: found unexpected end"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
