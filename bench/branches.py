@@ -29,7 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import RESULTS, bench_config, first_cut, mean_std, write_results
+from common import CONVERGED, RESULTS, bench_config, first_cut, mean_std, write_results
 
 from ensemble.config import Config
 from ensemble.layout import RunDir
@@ -37,7 +37,6 @@ from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERGED = ["generalist.train.epochs=auto", "generalist.train.schedule=plateau"]
 VARIANTS = {
     "whole": [],  # whole-network specialists (branch_at 0)
     "b1": ["specialists.branch_at=1"],  # share the first block (for a one-layer MLP: its features; own head)

@@ -24,6 +24,8 @@ T = TypeVar("T")
 # The benchmarks read EMNIST and Omniglot from the npz copies in ../shared/data/ (its README), which the
 # shipped configs download through torchvision instead; relative to the repository root.
 SHARED_NPZ = {"emnist": "../shared/data/emnist_byclass.npz", "omniglot": "../shared/data/omniglot28.npz"}
+# A generalist trained to its plateau: until its validation top-1 stalls a third time, its best epoch kept.
+CONVERGED = ["generalist.train.epochs=auto", "generalist.train.schedule=plateau"]
 
 
 def bench_config(path: Path | None, overrides: list[str]) -> Config:

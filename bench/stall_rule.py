@@ -16,14 +16,13 @@ import argparse
 import os
 from pathlib import Path
 
-from common import bench_config, first_cut, mean_std, write_results
+from common import CONVERGED, bench_config, first_cut, mean_std, write_results
 
 from ensemble.layout import RunDir
 from ensemble.pipeline import run_pipeline
 from ensemble.rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVERGED = ["generalist.train.epochs=auto", "generalist.train.schedule=plateau"]
 
 
 def main() -> None:
