@@ -297,8 +297,12 @@ def read_yaml(path: str | Path, what: str, error: type[Exception] = ValueError) 
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise error(f"{what} {path} is not valid YAML or JSON: {problem}{where}") from None
+        raise error(f"{what} {path} is not valid YAML or JSON: {_yaml_problem(e)}{where}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What a YAML parser found wrong, in a few words."""
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -316,8 +320,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"override {item!r}: the value of '{key.strip()}' is not valid YAML: {problem}") from None
+            raise ConfigError(f"override {item!r}: the value of '{key.strip()}' is not valid YAML: "
+                              f"{_yaml_problem(e)}") from None
         _merge(raw, _nest(key.strip(), parsed), prefix="")
     return from_dict(Config, raw)
 
