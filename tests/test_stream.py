@@ -107,6 +107,33 @@ def test_workers_decode_the_same_batches_and_augmentation_follows_the_seed_alone
     assert torch.equal(plain, decoded(files, order=order))
 
 
+def child_processes(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines (from Linux's /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):  # a process that ended while we looked
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists processes through Linux's /proc")
+def test_workers_start_from_a_fork_server_never_as_forks_of_the_threaded_caller(tmp_path):
+    write_tree(tmp_path, {"train": 6, "test": 2})
+    files = load_data(folder_config(tmp_path, workers=2)).x_train
+    before = child_processes(os.getpid())
+    batches = image_batches(files, 4, train=True, gen=torch.Generator().manual_seed(0))
+    next(batches)  # the epoch's workers live until it ends
+    new = {pid: command for pid, command in child_processes(os.getpid()).items() if pid not in before}
+    own = Path("/proc/self/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert own not in new.values()  # a fork would keep this process's command line
+    servers = [pid for pid, command in child_processes(os.getpid()).items() if "multiprocessing.forkserver" in command]
+    assert sum(len(child_processes(server)) for server in servers) == 2  # the workers: the server's children
+    assert sum(len(batch) for batch in batches) == len(files) - 4
+
+
 def test_data_parallel_shards_of_a_streamed_epoch_are_the_one_process_epoch(tmp_path):
     """Two processes' shards (`shard=(rank, 2)`, 3 images a batch), their batches taken in turn, are the
     batches of one process reading 6 at a time: the same files, the same random crops (each image

@@ -9,6 +9,7 @@ and a flip for training (`data.train_transform`), resize and centre crop for eve
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import socket
 import sys
@@ -93,11 +94,23 @@ def image_batches(x: Images, batch_size: int, *, order: torch.Tensor | None = No
     batches = [list(zip(order[start:start + batch_size].tolist(), seeds[start:start + batch_size].tolist()))
                for start in starts]
     loader = torch.utils.data.DataLoader(_Decoded(x, augment), batch_sampler=batches, num_workers=x.workers,
-                                         pin_memory=pin, generator=torch.Generator())  # not the global RNG
+                                         multiprocessing_context=worker_start(x.workers), pin_memory=pin,
+                                         generator=torch.Generator())  # not the global RNG
     try:
         yield from loader
     except ValueError as err:  # from a worker: its message is a traceback; the last line is ours
         raise ValueError(str(err).strip().splitlines()[-1].removeprefix("ValueError: ")) from None
+
+
+def worker_start(workers: int) -> multiprocessing.context.BaseContext | None:
+    """How DataLoader workers start: from a fork server that has imported torch and this module, never by
+    forking the calling process, whose threads (torch's, Ray's) may hold a lock (the allocator's) that
+    the child would inherit held (a worker then dies of heap corruption). None for no workers."""
+    if workers == 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", __name__])  # imported once, in the server
+    return context
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -233,7 +246,8 @@ def readable_rows(files: ImageFiles, workers: int) -> np.ndarray:
     """A boolean per file: whether it decodes (every file read once, in `workers` processes)."""
     from tqdm.auto import tqdm
 
-    loader = torch.utils.data.DataLoader(_Readable(files, augment=False), batch_size=64, num_workers=workers)
+    loader = torch.utils.data.DataLoader(_Readable(files, augment=False), batch_size=64, num_workers=workers,
+                                         multiprocessing_context=worker_start(workers))
     ok = [batch for batch in tqdm(loader, desc="checking images", unit="batch", leave=False, disable=None,
                                   file=sys.stderr)]
     return torch.cat(ok).numpy() if ok else np.zeros(0, dtype=bool)
