@@ -33,7 +33,7 @@ class ImageFiles:
     tensor's rows would; `image_batches` decodes them."""
 
     root: str
-    files: np.ndarray  # relative paths, dtype S: compact, and no Python objects for forked workers to copy
+    files: np.ndarray  # relative paths, dtype S: compact to pickle into each worker, no Python objects
     size: int
     channels: int
     train_transform: str = "crop_flip"
