@@ -9,6 +9,7 @@ from cluster.simulate import planted_predictions
 from ensemble.cli import main
 from ensemble.config import ClusterConfig, load_config
 from ensemble.pipeline import run_pipeline
+from ensemble.rundir import load_tensors
 
 
 def _subsets(probs, seed=0, **settings):
@@ -331,7 +332,9 @@ def test_the_report_from_sparse_rows_is_the_report_of_the_kept_entries():
 def test_top_k_predictions_and_an_embedding_through_the_stage(tmp_path):
     """generalist.top_k below C/2 keeps sparse predictions; cluster.embedding clusters the embedded
     columns (as above 4,096 classes): embedding.safetensors instead of the C×C matrix, the plot of a block;
-    the same subsets as the C×C matrix of the same sparse predictions gives."""
+    the class vectors K-means runs on are as far apart as the C×C matrix's of the same predictions (equal
+    subsets are not asserted: this 2-epoch generalist's classes sit at near-equal distances, where
+    rounding decides K-means' ties differently across CPUs)."""
     for stage in ("generalist", "cluster"):
         run_pipeline(_cfg(tmp_path, "generalist.top_k=6", "cluster.embedding=40"), stage)
     folder = tmp_path / "r" / "cluster"
@@ -342,9 +345,11 @@ def test_top_k_predictions_and_an_embedding_through_the_stage(tmp_path):
     assert val.probs.shape[1] == 6 and val.ids.shape == val.probs.shape and val.logits is None
     embedded = json.loads((folder / "subsets.json").read_text())
     assert embedded["settings"]["embedding_dims"] == 40
+    columns = load_tensors(folder / "embedding.safetensors")["columns"].numpy()
     run_pipeline(_cfg(tmp_path, "generalist.top_k=6"), "cluster")
     assert (folder / "covariance.safetensors").exists() and not (folder / "embedding.safetensors").exists()
-    dense = json.loads((folder / "subsets.json").read_text())
-    assert [s["classes"] for s in dense["subsets"]] == [s["classes"] for s in embedded["subsets"]]
+    matrix = load_tensors(folder / "covariance.safetensors")["matrix"].numpy()
+    apart = [((v[:, None, :] - v[None, :, :]) ** 2).sum(axis=2) for v in map(cluster.class_vectors, (columns, matrix))]
+    np.testing.assert_allclose(apart[0], apart[1], rtol=0, atol=1e-12)  # unit vectors: distances up to 4
     with pytest.raises(ValueError, match="cluster.inputs=logits needs .* set generalist.top_k=null"):
         run_pipeline(_cfg(tmp_path, "generalist.top_k=6", "cluster.inputs=logits"))  # before any stage runs
